@@ -1,0 +1,102 @@
+"""The ``probe-server`` command line: ``main(argv) -> int``, tested by calling it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+from .server import Listeners, StartupError, endpoint_text, serve
+
+log = logging.getLogger("probe_server")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def run_async(coroutine: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where it is installed, else on asyncio's own loop."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coroutine)
+
+
+def _demo_banner(config: Config) -> Callable[[Listeners], None]:
+    def show(listeners: Listeners) -> None:
+        ipv4 = endpoint_text(listeners.http["ipv4"])
+        db = config.resolve(config.database.path)
+        query = "SELECT * FROM session_summary ORDER BY id DESC LIMIT 1"
+        print(
+            "\nprobe-server demo is running (Ctrl-C stops it).\n"
+            f"  Open the survey in a browser:  http://{ipv4}/\n"
+            f"  The same page as an MTurk preview:\n"
+            f"    http://{ipv4}/?assignmentId=ASSIGNMENT_ID_NOT_AVAILABLE&hitId=DEMOHIT\n"
+            "  Then see what was recorded for your visit:\n"
+            f"    sqlite3 -header -column {db} '{query}'\n",
+            flush=True,
+        )
+
+    return show
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    on_ready = _demo_banner(config) if args.config is None else None
+    return run_async(serve(config, on_ready=on_ready))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="probe-server", description="Crowdsourced IPv4/IPv6 measurement server."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve_parser = commands.add_parser(
+        "serve", help="run the probe server (demo config without --config)"
+    )
+    serve_parser.add_argument("--config", metavar="FILE", help="TOML config file")
+    serve_parser.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        result: int = args.func(args)
+    except ConfigError as e:
+        print(f"probe-server: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except StartupError as e:
+        print(f"probe-server: cannot start: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Configuration: a TOML file validated into frozen models.
+
+Every key is documented in ``deploy/probe-server.example.toml``; a test keeps
+that file and these defaults in step. Relative paths in a file are taken
+relative to the file's own directory, so a config can be moved with its data.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as one line naming the key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _endpoint(value: str) -> str:
+    """Check ``HOST:PORT`` (IPv6 in brackets) with a literal address."""
+    parse_endpoint(value)
+    return value
+
+
+Endpoint = Annotated[str, AfterValidator(_endpoint)]
+
+
+def parse_endpoint(value: str) -> tuple[str, int]:
+    """Split ``'127.0.0.1:8080'`` or ``'[::1]:8080'`` into address and port."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"expected ADDRESS:PORT, got {value!r}")
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected [IPV6]:PORT, got {value!r}")
+    else:
+        host, _, port = value.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"IPv6 addresses need brackets, e.g. [{host}]:{port}")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (listen on literals only)") from None
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port must be 0-65535, got {port!r}")
+    return str(address), int(port)
+
+
+def _base_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("a base URL has no query or fragment")
+    return value.rstrip("/")
+
+
+BaseUrl = Annotated[str, AfterValidator(_base_url)]
+
+
+class SiteConfig(_Model):
+    """One web site: the socket it listens on and the URL pages use for it."""
+
+    listen: Endpoint
+    # The URL pages use for this site; without it, taken from the bound socket.
+    base_url: BaseUrl | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> SiteConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        return self
+
+
+class SitesConfig(_Model):
+    ipv4: SiteConfig = SiteConfig(listen="127.0.0.1:8080")
+    ipv6: SiteConfig = SiteConfig(listen="[::1]:8080")
+
+    @field_validator("ipv4")
+    @classmethod
+    def _ipv4_socket(cls, site: SiteConfig) -> SiteConfig:
+        if ipaddress.ip_address(parse_endpoint(site.listen)[0]).version != 4:
+            raise ValueError(f"listen: the IPv4 site needs an IPv4 address, got {site.listen!r}")
+        return site
+
+    @field_validator("ipv6")
+    @classmethod
+    def _ipv6_socket(cls, site: SiteConfig) -> SiteConfig:
+        if ipaddress.ip_address(parse_endpoint(site.listen)[0]).version != 6:
+            raise ValueError(f"listen: the IPv6 site needs an IPv6 address, got {site.listen!r}")
+        return site
+
+
+class ServerConfig(_Model):
+    # The HMAC key that signs session tokens; created (mode 0600) on first run.
+    secret_file: Path = Path("probe.secret")
+    # Seconds a probe waits for its row to be committed before it is answered
+    # 503 (its row stays queued and is stored when the database recovers).
+    commit_timeout: float = Field(default=5.0, gt=0, le=300)
+    # Seconds SIGTERM waits for in-flight requests before closing.
+    shutdown_timeout: float = Field(default=10.0, ge=0, le=300)
+    # Largest request body accepted (the answer form), in bytes.
+    max_body: int = Field(default=16384, ge=1024, le=1048576)
+
+
+class DatabaseConfig(_Model):
+    path: Path = Path("probe.db")
+    # "full": each group commit is fsynced (survives power loss);
+    # "normal": survives a killed process but not a power cut (faster).
+    synchronous: Literal["full", "normal"] = "full"
+    # Rows waiting for a commit; beyond this, probes are answered 503.
+    queue_limit: int = Field(default=50000, ge=100, le=10_000_000)
+    # Most rows in one transaction.
+    batch_max: int = Field(default=2000, ge=1, le=100000)
+
+
+class SurveyConfig(_Model):
+    # The paper draws 1-4 red and 1-4 blue balls per page, uniformly.
+    min_balls: int = Field(default=1, ge=1, le=20)
+    max_balls: int = Field(default=4, ge=1, le=20)
+    # Label stored with each session when the URL carries no ?batch=.
+    batch: str = Field(default="", max_length=64)
+
+    @model_validator(mode="after")
+    def _range(self) -> SurveyConfig:
+        if self.min_balls > self.max_balls:
+            raise ValueError("min_balls must not exceed max_balls")
+        return self
+
+
+class Config(_Model):
+    server: ServerConfig = ServerConfig()
+    sites: SitesConfig = SitesConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    survey: SurveyConfig = SurveyConfig()
+    # Where the file was read from (None for the built-in demo config).
+    source: Path | None = None
+
+    def resolve(self, path: Path) -> Path:
+        """A path from the config, relative to the config file's directory."""
+        path = path.expanduser()
+        if path.is_absolute() or self.source is None:
+            return path
+        return self.source.parent / path
+
+
+def demo_config() -> Config:
+    """The built-in config: loopback only, database in the working directory."""
+    return Config()
+
+
+def _describe(error: ValidationError, prefix: str) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    message = message.removeprefix("Value error, ")
+    # Errors raised inside a model validator carry the field in the message.
+    return f"{prefix}{location or '(top level)'}: {message}"
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate a config file; ``None`` gives the demo config."""
+    if path is None:
+        return demo_config()
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data: dict[str, Any] = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    if "source" in data:
+        raise ConfigError(f"{path}: source: unknown key")
+    try:
+        return Config.model_validate({**data, "source": path.resolve()})
+    except ValidationError as e:
+        raise ConfigError(_describe(e, f"{path}: ")) from None

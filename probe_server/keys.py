@@ -1,0 +1,18 @@
+"""Typed application keys, in one place."""
+
+from __future__ import annotations
+
+import aiosqlite
+import jinja2
+from aiohttp import web
+
+from .config import Config
+from .store import Writer
+
+config_key = web.AppKey("config", Config)
+secret_key = web.AppKey("secret", bytes)
+writer_key = web.AppKey("writer", Writer)
+reader_key = web.AppKey("reader", aiosqlite.Connection)
+templates_key = web.AppKey("templates", jinja2.Environment)
+# The base URL of each site ("ipv4", "ipv6") once its socket is bound.
+base_urls_key = web.AppKey("base_urls", dict[str, str])

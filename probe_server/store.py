@@ -1,0 +1,284 @@
+"""SQLite storage: schema migrations, the single group-commit writer, readers.
+
+One connection owns every write. Callers hand it rows and await the commit
+that contains them; rows that arrive while a transaction is being written wait
+for the next one, so a burst of concurrent requests shares a few commits. A
+request is answered only after its row is committed, so a killed process
+loses no acknowledged row. When a commit fails (disk full, read-only file)
+the rows stay queued, in a bounded buffer, and are retried until they go in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+Row = tuple[str, Sequence[Any]]
+"""One statement and its parameters."""
+
+
+class SchemaError(Exception):
+    """The database cannot be used by this version of probe-server."""
+
+
+class Overloaded(Exception):
+    """The write queue is full: the row was not accepted."""
+
+
+class NotStored(Exception):
+    """The row did not reach the database in time (it is still queued)."""
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """The schema scripts shipped in ``probe_server/schema``, in order."""
+    found = []
+    for entry in resources.files("probe_server.schema").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [version for version, _, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise SchemaError(f"schema scripts are not numbered 1..n: {versions}")
+    return found
+
+
+SCHEMA_VERSION = len(migrations())
+
+
+def _pragmas(conn: sqlite3.Connection, synchronous: str) -> None:
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+    conn.execute("PRAGMA busy_timeout = 5000")
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring a database up to :data:`SCHEMA_VERSION`; returns the old version."""
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    if current > SCHEMA_VERSION:
+        raise SchemaError(
+            f"database schema version {current} is newer than this probe-server "
+            f"understands ({SCHEMA_VERSION}); upgrade probe-server"
+        )
+    for version, name, script in migrations():
+        if version <= current:
+            continue
+        log.info("event=migrate version=%d script=%s", version, name)
+        # executescript commits first; the script runs as one transaction.
+        conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
+    return int(current)
+
+
+def open_sync(path: Path, synchronous: str = "full") -> sqlite3.Connection:
+    """A plain sqlite3 connection with the schema in place (CLI and tools)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        _pragmas(conn, synchronous)
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+async def open_database(path: Path, synchronous: str = "full") -> aiosqlite.Connection:
+    """Open (creating and migrating) the database for the writer."""
+    # Migrations run once, before serving, on a plain connection in a thread.
+    await asyncio.to_thread(lambda: open_sync(path, synchronous).close())
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        await conn.execute("PRAGMA busy_timeout = 5000")
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def open_reader(path: Path) -> aiosqlite.Connection:
+    """A read-only connection; WAL lets it read while the writer commits."""
+    conn = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    await conn.execute("PRAGMA busy_timeout = 5000")
+    conn.row_factory = aiosqlite.Row
+    return conn
+
+
+@dataclass
+class WriterStats:
+    """Counters exported as metrics and shown in logs."""
+
+    commits: int = 0
+    rows: int = 0
+    errors: int = 0
+    rejected: int = 0
+    dropped_at_close: int = 0
+    last_error: str = ""
+    commit_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+
+
+class _Item:
+    __slots__ = ("future", "rows")
+
+    def __init__(self, rows: Sequence[Row], future: asyncio.Future[None]) -> None:
+        self.rows = rows
+        self.future = future
+
+
+class Writer:
+    """The single writer: group commit over one aiosqlite connection."""
+
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        *,
+        queue_limit: int = 50000,
+        batch_max: int = 2000,
+        retry_min: float = 0.05,
+        retry_max: float = 2.0,
+    ) -> None:
+        self._conn = conn
+        self._queue_limit = queue_limit
+        self._batch_max = batch_max
+        self._retry_min = retry_min
+        self._retry_max = retry_max
+        self._pending: deque[_Item] = deque()
+        self._pending_rows = 0
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self.stats = WriterStats()
+
+    @property
+    def queued_rows(self) -> int:
+        return self._pending_rows
+
+    @property
+    def healthy(self) -> bool:
+        """False while commits are failing (rows are being held back)."""
+        return not self.stats.last_error
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="sqlite-writer")
+
+    def submit(self, rows: Sequence[Row]) -> asyncio.Future[None]:
+        """Queue rows for the next commit; the future resolves once committed."""
+        if self._closing:
+            raise Overloaded("the writer is shutting down")
+        if self._pending_rows + len(rows) > self._queue_limit:
+            self.stats.rejected += len(rows)
+            raise Overloaded(f"write queue full ({self._pending_rows} rows waiting)")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Item(rows, future))
+        self._pending_rows += len(rows)
+        self._wake.set()
+        return future
+
+    async def write(self, rows: Sequence[Row], timeout: float | None = None) -> None:
+        """Queue rows and wait until they are committed.
+
+        Raises :class:`Overloaded` when the queue is full and
+        :class:`NotStored` when the commit does not happen within ``timeout``
+        seconds; in the latter case the rows stay queued and are stored later.
+        """
+        future = self.submit(rows)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            raise NotStored(self.stats.last_error or "commit is slow") from None
+
+    def _take_batch(self) -> list[_Item]:
+        batch: list[_Item] = []
+        count = 0
+        for item in self._pending:
+            if batch and count + len(item.rows) > self._batch_max:
+                break
+            batch.append(item)
+            count += len(item.rows)
+        return batch
+
+    async def _commit(self, batch: Iterable[_Item]) -> int:
+        grouped: dict[str, list[Sequence[Any]]] = {}
+        for item in batch:
+            for sql, params in item.rows:
+                grouped.setdefault(sql, []).append(params)
+        conn = self._conn
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params_list in grouped.items():
+                await conn.executemany(sql, params_list)
+            await conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK")
+            raise
+        return sum(len(p) for p in grouped.values())
+
+    async def _run(self) -> None:
+        delay = self._retry_min
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self._take_batch()
+            started = time.perf_counter()
+            try:
+                rows = await self._commit(batch)
+            except sqlite3.Error as e:
+                self.stats.errors += 1
+                if self.stats.last_error != str(e):
+                    log.error(
+                        "event=commit_failed error=%r queued_rows=%d", str(e), self._pending_rows
+                    )
+                self.stats.last_error = str(e)
+                if self._closing and delay >= self._retry_max:
+                    self._drop_all(str(e))
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+                continue
+            if self.stats.last_error:
+                log.warning("event=commit_recovered queued_rows=%d", self._pending_rows)
+                self.stats.last_error = ""
+            delay = self._retry_min
+            self.stats.commit_seconds.append(time.perf_counter() - started)
+            self.stats.commits += 1
+            self.stats.rows += rows
+            for item in batch:
+                self._pending.popleft()
+                self._pending_rows -= len(item.rows)
+                if not item.future.done():
+                    item.future.set_result(None)
+
+    def _drop_all(self, error: str) -> None:
+        dropped = self._pending_rows
+        self.stats.dropped_at_close += dropped
+        log.error("event=rows_not_stored_at_shutdown rows=%d error=%r", dropped, error)
+        while self._pending:
+            item = self._pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(NotStored(error))
+                item.future.exception()  # retrieved: nobody may be waiting any more
+        self._pending_rows = 0
+
+    async def close(self) -> None:
+        """Commit everything queued, then stop. Idempotent."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None

@@ -1,0 +1,117 @@
+"""Helpers for tests and benchmarks: the real ``probe-server`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+class ServerProcess:
+    """``python -m probe_server serve`` with systemd's readiness protocol.
+
+    The test plays systemd: it listens on a NOTIFY_SOCKET and waits for
+    READY=1, whose STATUS names the bound endpoints (the config uses port 0).
+    """
+
+    def __init__(self, config_path: Path, workdir: Path, prefix: Sequence[str] = ()) -> None:
+        self.config_path = config_path
+        self.prefix = list(prefix)  # e.g. ["taskset", "-c", "0"]
+        self.workdir = workdir
+        self.process: asyncio.subprocess.Process | None = None
+        self.endpoints: dict[str, str] = {}
+        self.stderr = b""
+
+    async def start(self, timeout: float = 30) -> None:
+        notify_path = self.workdir / f"notify-{os.getpid()}-{id(self)}.sock"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        notify.setblocking(False)
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        self.process = await asyncio.create_subprocess_exec(
+            *self.prefix,
+            sys.executable,
+            "-m",
+            "probe_server",
+            "serve",
+            "--config",
+            str(self.config_path),
+            cwd=self.workdir,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                wait_exit = asyncio.ensure_future(self.process.wait())
+                while True:
+                    receive = asyncio.ensure_future(loop.sock_recv(notify, 4096))
+                    done, _ = await asyncio.wait(
+                        {receive, wait_exit}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if wait_exit in done:
+                        receive.cancel()
+                        err = await self.process.stderr.read() if self.process.stderr else b""
+                        raise RuntimeError(f"server exited early: {err.decode(errors='replace')}")
+                    message = receive.result().decode()
+                    if "READY=1" in message:
+                        wait_exit.cancel()
+                        break
+        finally:
+            notify.close()
+            notify_path.unlink(missing_ok=True)
+        status = re.search(r"STATUS=listening (.*)", message)
+        assert status, message
+        self.endpoints = dict(part.split("=", 1) for part in status.group(1).split())
+
+    def url(self, site: str) -> str:
+        return f"http://{self.endpoints[f'http_{site}']}"
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    async def wait(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        async with asyncio.timeout(timeout):
+            _, self.stderr = await self.process.communicate()
+        assert self.process.returncode is not None
+        return self.process.returncode
+
+    async def close(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    """Write a config as TOML (tables of scalars, enough for tests)."""
+    lines: list[str] = []
+
+    def emit(prefix: str, table: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        for key, value in scalars.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, int | float):
+                lines.append(f"{key} = {value}")
+            else:
+                lines.append(f'{key} = "{value}"')
+        for key, value in table.items():
+            if isinstance(value, dict):
+                emit(f"{prefix}.{key}" if prefix else key, value)
+
+    emit("", data)
+    path.write_text("\n".join(lines) + "\n")
+    tomllib.loads(path.read_text())  # fail early on a helper bug
+    return path

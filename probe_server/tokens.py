@@ -1,0 +1,63 @@
+"""Session tokens: unguessable, verifiable without a database read.
+
+A token is 10 random bytes followed by the first 10 bytes of
+HMAC-SHA256(secret, id), written as 32 characters of lower-case base32.
+Lower case and no padding keep it usable as a DNS label, where resolvers may
+change letter case (0x20 randomisation) and labels are case-insensitive.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import os
+import secrets
+from hashlib import sha256
+from pathlib import Path
+
+TOKEN_LENGTH = 32
+_ID_BYTES = 10
+_MAC_BYTES = 10
+_DOMAIN = b"probe-server session v1\x00"
+_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+
+
+def _mac(secret: bytes, ident: bytes) -> bytes:
+    return hmac.new(secret, _DOMAIN + ident, sha256).digest()[:_MAC_BYTES]
+
+
+def new_token(secret: bytes) -> str:
+    ident = secrets.token_bytes(_ID_BYTES)
+    return base64.b32encode(ident + _mac(secret, ident)).decode("ascii").lower()
+
+
+def verify_token(secret: bytes, token: str) -> bool:
+    """True when ``token`` was made by :func:`new_token` with ``secret``."""
+    if len(token) != TOKEN_LENGTH or not _ALPHABET.issuperset(token):
+        return False
+    raw = base64.b32decode(token.upper())
+    return hmac.compare_digest(raw[_ID_BYTES:], _mac(secret, raw[:_ID_BYTES]))
+
+
+def looks_like_token(token: str) -> bool:
+    """Shape check only (no secret): worth storing as a claimed token."""
+    return len(token) == TOKEN_LENGTH and _ALPHABET.issuperset(token)
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """Read the signing key, creating it (mode 0600) on first run."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        text = secrets.token_hex(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(text + "\n")
+        return bytes.fromhex(text)
+    try:
+        secret = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"{path}: expected hex digits") from None
+    if len(secret) < 16:
+        raise ValueError(f"{path}: the secret must be at least 16 bytes (32 hex digits)")
+    return secret

@@ -1,0 +1,328 @@
+"""The two public web sites: the survey on IPv4, the probes on both families.
+
+Which socket a request arrived on decides what it may be served, never the
+Host header: the survey, the red balls and the answer form live on the IPv4
+site, the blue balls on the IPv6 site. A known path asked for on the wrong
+site gets 421 Misdirected Request; anything else 404.
+
+Every request on a public site becomes a row in ``requests``. Probe images,
+the survey page and the answer are answered only once their rows are
+committed (a 200 means "stored").
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+from aiohttp import web
+
+from . import images, survey
+from .config import Config
+from .keys import base_urls_key, config_key, reader_key, secret_key, templates_key, writer_key
+from .store import NotStored, Overloaded, Row, Writer, open_database, open_reader
+from .tokens import looks_like_token, new_token, verify_token
+
+log = logging.getLogger(__name__)
+
+IPV4, IPV6 = "ipv4", "ipv6"
+MAX_LOGGED_PATH = 2048
+MAX_LOGGED_AGENT = 512
+
+INSERT_REQUEST = (
+    "INSERT INTO requests (t, site, addr, port, method, path, kind, token, token_ok,"
+    " ball, status, bytes, user_agent) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+INSERT_SESSION = (
+    "INSERT INTO sessions (token, created, ipv4, port, user_agent, red_count, blue_count,"
+    " visit, assignment_id, hit_id, worker_id, turk_submit_to, batch)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+INSERT_ANSWER = (
+    "INSERT INTO answers (session_token, t, addr, red_reported, blue_reported, red_correct)"
+    " VALUES (?,?,?,?,?,?)"
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class Probe:
+    """What a handler learnt about its request, for the request log."""
+
+    kind: str = "unknown"
+    token: str | None = None
+    token_ok: bool = False
+    ball: int | None = None
+    # Set for requests whose success must mean their rows are stored.
+    durable: bool = False
+    rows: list[Row] = field(default_factory=list)
+
+
+probe_key = web.RequestKey("probe", Probe)
+
+
+def on_sites(*sites: str) -> Callable[[Handler], Handler]:
+    """Mark the sites (socket families) on which a handler may answer."""
+
+    def mark(handler: Handler) -> Handler:
+        handler.sites = frozenset(sites)  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def site_of(request: web.Request) -> str:
+    sock = request.get_extra_info("socket")
+    return IPV6 if sock is not None and sock.family == socket.AF_INET6 else IPV4
+
+
+def peer(request: web.Request) -> tuple[str, int]:
+    """The client's canonical address and port."""
+    peername = request.get_extra_info("peername")
+    if not peername:
+        return "0.0.0.0", 0  # noqa: S104 - the connection went away; still logged
+    return survey.canonical_address(peername[0]), int(peername[1])
+
+
+def _no_store(response: web.StreamResponse) -> web.StreamResponse:
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _page(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
+    html = request.app[templates_key].get_template(template).render(**context)
+    response = web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+    _no_store(response)
+    return response
+
+
+def _bad_request(request: web.Request, message: str) -> web.Response:
+    return _page(request, "error.html", status=400, message=message)
+
+
+# -- IPv4 site ---------------------------------------------------------------
+
+
+@on_sites(IPV4)
+async def survey_page(request: web.Request) -> web.StreamResponse:
+    config = request.app[config_key]
+    probe = request[probe_key]
+    probe.kind = "survey"
+    try:
+        visit = survey.parse_visit(request.query, config.survey.batch)
+    except survey.BadInput as e:
+        return _bad_request(request, str(e))
+    token = new_token(request.app[secret_key])
+    red, blue = survey.draw_counts(config.survey.min_balls, config.survey.max_balls)
+    address, port = peer(request)
+    probe.token, probe.token_ok, probe.durable = token, True, True
+    probe.rows.append(
+        (
+            INSERT_SESSION,
+            (
+                token,
+                time.time(),
+                address,
+                port,
+                request.headers.get("User-Agent", "")[:MAX_LOGGED_AGENT],
+                red,
+                blue,
+                visit.kind,
+                visit.assignment_id,
+                visit.hit_id,
+                visit.worker_id,
+                visit.turk_submit_to,
+                visit.batch,
+            ),
+        )
+    )
+    base_urls = request.app[base_urls_key]
+    return _page(
+        request,
+        "survey.html",
+        token=token,
+        visit=visit,
+        red_urls=survey.ball_urls(base_urls[IPV4], "red", token, red, address),
+        blue_urls=survey.ball_urls(base_urls[IPV6], "blue", token, blue, address),
+        ball_size=images.BALL_SIZE,
+    )
+
+
+async def _ball(request: web.Request, kind: str, body: bytes) -> web.StreamResponse:
+    probe = request[probe_key]
+    probe.kind = kind
+    probe.durable = True
+    token = request.match_info["token"]
+    ball = request.match_info["ball"]
+    if looks_like_token(token):
+        probe.token = token
+        probe.token_ok = verify_token(request.app[secret_key], token)
+    if ball.isdigit() and len(ball) <= 2:
+        probe.ball = int(ball)
+    # A forged or unknown token still gets its image, so the page never
+    # looks broken; the row says the token was not ours.
+    return _no_store(web.Response(body=body, content_type="image/png"))
+
+
+@on_sites(IPV4)
+async def red_ball(request: web.Request) -> web.StreamResponse:
+    return await _ball(request, "red", images.RED_BALL)
+
+
+@on_sites(IPV6)
+async def blue_ball(request: web.Request) -> web.StreamResponse:
+    return await _ball(request, "blue", images.BLUE_BALL)
+
+
+@on_sites(IPV4)
+async def submit(request: web.Request) -> web.StreamResponse:
+    probe = request[probe_key]
+    probe.kind = "submit"
+    try:
+        form = await request.post()
+    except (ValueError, UnicodeDecodeError):
+        return _bad_request(request, "the form could not be read")
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    token = fields.get("token", "")
+    if looks_like_token(token):
+        probe.token = token
+        probe.token_ok = verify_token(request.app[secret_key], token)
+    if not probe.token_ok:
+        return _bad_request(request, "this survey session is not valid; please reload the page")
+    try:
+        answer = survey.parse_answer(fields)
+    except survey.BadInput as e:
+        return _bad_request(request, str(e))
+    async with request.app[reader_key].execute(
+        "SELECT red_count FROM sessions WHERE token = ?", (token,)
+    ) as cursor:
+        session = await cursor.fetchone()
+    if session is None:
+        return _bad_request(request, "this survey session is unknown; please reload the page")
+    address, _ = peer(request)
+    probe.durable = True
+    probe.rows.append(
+        (
+            INSERT_ANSWER,
+            (token, time.time(), address, answer.red, answer.blue, answer.red == session[0]),
+        )
+    )
+    return _page(request, "thanks.html")
+
+
+# -- the request log -----------------------------------------------------------
+
+
+def _request_row(request: web.Request, site: str, probe: Probe, status: int, size: int) -> Row:
+    address, port = peer(request)
+    return (
+        INSERT_REQUEST,
+        (
+            time.time(),
+            site,
+            address,
+            port,
+            request.method[:16],
+            request.raw_path[:MAX_LOGGED_PATH],
+            probe.kind,
+            probe.token,
+            probe.token_ok,
+            probe.ball,
+            status,
+            size,
+            request.headers.get("User-Agent", "")[:MAX_LOGGED_AGENT],
+        ),
+    )
+
+
+def _unavailable(reason: str) -> web.Response:
+    # 503 means "not stored": the client may retry; nothing was acknowledged.
+    response = web.Response(status=503, text=f"temporarily unavailable: {reason}\n")
+    response.headers["Retry-After"] = "5"
+    return _no_store(response)  # type: ignore[return-value]
+
+
+@web.middleware
+async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Route by socket family, log the request, hold probes until stored."""
+    site = site_of(request)
+    probe = request[probe_key] = Probe()
+    allowed = getattr(request.match_info.handler, "sites", None)
+    try:
+        if allowed is not None and site not in allowed:
+            probe.kind = "wrong-site"
+            raise web.HTTPMisdirectedRequest(text="421: this path is served on the other site\n")
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = exc
+    body = getattr(response, "body", None)
+    size = len(body) if isinstance(body, bytes | bytearray) else 0
+    rows = [*probe.rows, _request_row(request, site, probe, response.status, size)]
+    # Every response waits for its row, so a response means "logged". Only
+    # successful probes turn into 503 when the row cannot be stored: they are
+    # the measurement, and a 200 must mean that it was kept.
+    try:
+        await request.app[writer_key].write(rows, request.app[config_key].server.commit_timeout)
+    except Overloaded:
+        if probe.durable and response.status < 400:
+            return _unavailable("overloaded")
+    except NotStored:
+        if probe.durable and response.status < 400:
+            return _unavailable("storage is not keeping up")
+    if isinstance(response, web.HTTPException):
+        raise response
+    return response
+
+
+# -- application -------------------------------------------------------------
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    config = app[config_key]
+    path = config.resolve(config.database.path)
+    conn = await open_database(path, config.database.synchronous)
+    writer = Writer(
+        conn, queue_limit=config.database.queue_limit, batch_max=config.database.batch_max
+    )
+    writer.start()
+    reader = await open_reader(path)
+    app[writer_key] = writer
+    app[reader_key] = reader
+    log.info("event=database_open path=%s", path)
+    try:
+        yield
+    finally:
+        await writer.close()
+        await reader.close()
+        await conn.close()
+        log.info(
+            "event=database_closed commits=%d rows=%d errors=%d",
+            writer.stats.commits,
+            writer.stats.rows,
+            writer.stats.errors,
+        )
+
+
+def create_app(config: Config, secret: bytes, base_urls: dict[str, str]) -> web.Application:
+    """The public application; the same app serves both sites' sockets."""
+    app = web.Application(middlewares=[record], client_max_size=config.server.max_body)
+    app[config_key] = config
+    app[base_urls_key] = base_urls
+    app[secret_key] = secret
+    app[templates_key] = jinja2.Environment(
+        loader=jinja2.PackageLoader("probe_server", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    app.cleanup_ctx.append(_database)
+    app.router.add_get("/", survey_page)
+    app.router.add_post("/submit", submit)
+    app.router.add_get(r"/red/{token}/{ball}.png", red_ball)
+    app.router.add_get(r"/blue/{token}/{ball}.png", blue_ball)
+    return app

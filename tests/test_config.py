@@ -1,0 +1,117 @@
+"""Configuration: the documented example, defaults, and one-line errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from probe_server.cli import main
+from probe_server.config import Config, ConfigError, demo_config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "deploy" / "probe-server.example.toml"
+
+
+def test_example_file_documents_the_defaults():
+    example = load_config(EXAMPLE)
+    assert example.model_dump(exclude={"source"}) == demo_config().model_dump(exclude={"source"})
+
+
+def _model_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys |= _model_keys(annotation, f"{prefix}{name}.")
+        elif name != "source":
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def test_every_key_is_in_the_example_with_a_comment():
+    documented = set()
+    section = ""
+    previous = ""
+    for line in EXAMPLE.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            section = stripped[1:-1] + "."
+        elif re.match(r"#? ?[a-z_0-9]+ = ", stripped):
+            documented.add(section + stripped.lstrip("# ").split(" =")[0])
+            if not stripped.startswith("#"):
+                assert previous.startswith("#") or re.match(r"[a-z_]+ = ", previous), line
+        previous = stripped
+    assert documented == _model_keys(Config)
+
+
+def test_relative_paths_follow_the_config_file(tmp_path):
+    path = tmp_path / "sub" / "c.toml"
+    path.parent.mkdir()
+    path.write_text('[database]\npath = "data/probe.db"\n')
+    config = load_config(path)
+    assert config.resolve(config.database.path) == path.parent.resolve() / "data" / "probe.db"
+    assert demo_config().resolve(Path("probe.db")) == Path("probe.db")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[sites.ipv4]\nlisten = "::1:80"\n', "sites.ipv4.listen: IPv6 addresses need brackets"),
+        ('[sites.ipv4]\nlisten = "[::1]:80"\n', "sites.ipv4: listen: the IPv4 site needs an IPv4"),
+        (
+            '[sites.ipv6]\nlisten = "127.0.0.1:80"\n',
+            "sites.ipv6: listen: the IPv6 site needs an IPv6",
+        ),
+        (
+            '[sites.ipv4]\nlisten = "example.org:80"\n',
+            "sites.ipv4.listen: 'example.org' is not an IP",
+        ),
+        ('[sites.ipv4]\nlisten = "127.0.0.1:99999"\n', "sites.ipv4.listen: port must be 0-65535"),
+        ('[sites.ipv4]\nlisten = "127.0.0.1:80"\nbase_url = "ftp://x"\n', "sites.ipv4.base_url"),
+        (
+            '[sites.ipv4]\nlisten = "127.0.0.1:80"\ntls_cert = "c.pem"\n',
+            "tls_cert and tls_key go together",
+        ),
+        (
+            '[database]\nsynchronous = "sometimes"\n',
+            "database.synchronous: Input should be 'full' or",
+        ),
+        ("[database]\nqueue_limit = 5\n", "database.queue_limit: Input should be greater than"),
+        ("[survey]\nmin_balls = 5\n", "survey: min_balls must not exceed max_balls"),
+        ('[survey]\ncolour = "red"\n', "survey.colour: unknown key"),
+        ("[srvey]\n", "srvey: unknown key"),
+        ("source = 'x'\n", "source: unknown key"),
+        (
+            "[server]\ncommit_timeout = 'soon'\n",
+            "server.commit_timeout: Input should be a valid number",
+        ),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert expected in message, message
+    assert "\n" not in message
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_bad_config_exits_2_and_starts_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "bad.toml"
+    path.write_text('[database]\npath = "x.db"\n[survey]\nmax_balls = 0\n')
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "survey.max_balls" in err[0]
+    assert list(tmp_path.iterdir()) == [path]  # no database, no secret

@@ -1,0 +1,157 @@
+"""The real ``probe-server`` process: kill -9, SIGTERM, restart on the same database."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from probe_server.testing import ServerProcess, write_config
+
+
+@pytest.fixture
+def config_path(tmp_path: Path) -> Path:
+    return write_config(
+        tmp_path / "probe.toml",
+        {
+            "server": {"secret_file": "probe.secret", "shutdown_timeout": 5},
+            "sites": {"ipv4": {"listen": "127.0.0.1:0"}, "ipv6": {"listen": "[::1]:0"}},
+            "database": {"path": "probe.db"},
+        },
+    )
+
+
+async def blue_url(http: aiohttp.ClientSession, server: ServerProcess) -> str:
+    async with http.get(server.url("ipv4") + "/") as response:
+        page = await response.text()
+    match = re.search(r'<img src="(http://\[::1\][^"]+/blue/[^"]+)"', page)
+    assert match, page
+    return match.group(1).replace("&amp;", "&")
+
+
+async def burst(url: str, total: int, stop_after: int, on_threshold) -> set[int]:
+    """Fetch ``url&n=i`` for every i concurrently; call on_threshold after
+    ``stop_after`` 200s. Returns the i that got a 200 (an acknowledged probe)."""
+    acknowledged: set[int] = set()
+    fired = False
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        nonlocal fired
+        try:
+            async with session.get(f"{url}&n={i}") as response:
+                await response.read()
+                if response.status == 200:
+                    acknowledged.add(i)
+        except (TimeoutError, aiohttp.ClientError, ConnectionError):
+            return
+        if len(acknowledged) >= stop_after and not fired:
+            fired = True
+            on_threshold()
+
+    connector = aiohttp.TCPConnector(limit=64, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(one(session, i) for i in range(total)))
+    return acknowledged
+
+
+def stored_numbers(db_path: Path) -> set[int]:
+    with sqlite3.connect(db_path) as conn:
+        paths = [row[0] for row in conn.execute("SELECT path FROM requests WHERE kind = 'blue'")]
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    return {int(m.group(1)) for p in paths if (m := re.search(r"&n=(\d+)", p))}
+
+
+async def test_kill_9_loses_no_acknowledged_probe(tmp_path, config_path):
+    for round_number in range(3):
+        server = ServerProcess(config_path, tmp_path)
+        await server.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                url = await blue_url(http, server) + f"&round={round_number}"
+            acknowledged = await burst(
+                url, 3000, 400, functools.partial(server.kill, signal.SIGKILL)
+            )
+            assert await server.wait() == -signal.SIGKILL
+        finally:
+            await server.close()
+        assert len(acknowledged) >= 400
+        with sqlite3.connect(tmp_path / "probe.db") as conn:
+            rows = conn.execute(
+                "SELECT path FROM requests WHERE path LIKE ?", (f"%round={round_number}&%",)
+            ).fetchall()
+        stored = {int(re.search(r"&n=(\d+)", p).group(1)) for (p,) in rows}
+        missing = acknowledged - stored
+        assert not missing, f"round {round_number}: {len(missing)} acknowledged probes not stored"
+        assert stored_numbers(tmp_path / "probe.db")  # integrity_check passes
+
+
+async def test_sigterm_drains_flushes_and_exits_0(tmp_path, config_path):
+    server = ServerProcess(config_path, tmp_path)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = await blue_url(http, server)
+        acknowledged = await burst(url, 2000, 300, functools.partial(server.kill, signal.SIGTERM))
+        assert await server.wait() == 0
+    finally:
+        await server.close()
+    assert b"event=stopped" in server.stderr
+    assert acknowledged <= stored_numbers(tmp_path / "probe.db")
+    assert len(acknowledged) >= 300
+
+
+async def test_restart_on_the_same_database_keeps_sessions(tmp_path, config_path):
+    tokens = []
+    for _ in range(2):
+        server = ServerProcess(config_path, tmp_path)
+        await server.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                url = await blue_url(http, server)
+                tokens.append(url.split("/blue/")[1].split("/")[0])
+                async with http.get(url) as response:
+                    assert response.status == 200
+            server.kill(signal.SIGTERM)
+            assert await server.wait() == 0
+        finally:
+            await server.close()
+    with sqlite3.connect(tmp_path / "probe.db") as conn:
+        rows = conn.execute("SELECT token, ipv6 FROM session_summary ORDER BY id").fetchall()
+    # The secret persisted, so the first session's token still verifies.
+    assert rows == [(tokens[0], "::1"), (tokens[1], "::1")]
+
+
+async def test_port_in_use_is_one_clear_line(tmp_path, config_path):
+    first = ServerProcess(config_path, tmp_path)
+    await first.start()
+    try:
+        busy = first.endpoints["http_ipv4"]
+        text = config_path.read_text().replace('"127.0.0.1:0"', f'"{busy}"')
+        second_config = tmp_path / "second.toml"
+        second_config.write_text(text.replace('path = "probe.db"', 'path = "second.db"'))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "probe_server",
+            "serve",
+            "--config",
+            str(second_config),
+            cwd=tmp_path,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 1
+        assert f"cannot listen on {busy}" in err.decode()
+        assert not (tmp_path / "second.db").exists()
+    finally:
+        first.kill(signal.SIGTERM)
+        await first.wait()
+        await first.close()

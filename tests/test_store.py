@@ -1,0 +1,106 @@
+"""The group-commit writer and schema migrations, on real SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from probe_server.store import (
+    SCHEMA_VERSION,
+    NotStored,
+    Overloaded,
+    SchemaError,
+    Writer,
+    open_database,
+    open_sync,
+)
+
+INSERT = (
+    "INSERT INTO answers (session_token, t, addr, red_reported, blue_reported, red_correct)"
+    " VALUES (?,?,?,?,?,?)"
+)
+
+
+def row(i: int):
+    return (INSERT, (f"s{i}", float(i), "192.0.2.1", 1, 1, 1))
+
+
+async def test_concurrent_writes_share_transactions(tmp_path):
+    conn = await open_database(tmp_path / "p.db")
+    writer = Writer(conn)
+    writer.start()
+    await asyncio.gather(*(writer.write([row(i)]) for i in range(500)))
+    await writer.close()
+    await conn.close()
+    assert writer.stats.rows == 500
+    assert writer.stats.commits < 50
+    with sqlite3.connect(tmp_path / "p.db") as check:
+        assert check.execute("SELECT count(*) FROM answers").fetchone()[0] == 500
+
+
+async def test_failed_commits_hold_rows_and_catch_up(tmp_path):
+    conn = await open_database(tmp_path / "p.db")
+    writer = Writer(conn, retry_min=0.01, retry_max=0.05)
+    writer.start()
+    # A read-only connection makes every commit fail, as a full disk would.
+    await conn.execute("PRAGMA query_only = 1")
+    with pytest.raises(NotStored):
+        await writer.write([row(1)], timeout=0.3)
+    assert writer.stats.errors >= 1 and not writer.healthy
+    assert writer.queued_rows == 1
+    pending = writer.submit([row(2)])
+    await conn.execute("PRAGMA query_only = 0")
+    await pending  # both rows go in once writes work again
+    assert writer.healthy and writer.queued_rows == 0
+    await writer.close()
+    await conn.close()
+    with sqlite3.connect(tmp_path / "p.db") as check:
+        assert check.execute("SELECT session_token FROM answers ORDER BY id").fetchall() == [
+            ("s1",),
+            ("s2",),
+        ]
+
+
+async def test_full_queue_rejects_instead_of_growing(tmp_path):
+    conn = await open_database(tmp_path / "p.db")
+    writer = Writer(conn, queue_limit=10, retry_min=0.01, retry_max=0.02)
+    await conn.execute("PRAGMA query_only = 1")
+    writer.start()
+    futures = [writer.submit([row(i)]) for i in range(10)]
+    with pytest.raises(Overloaded):
+        writer.submit([row(10)])
+    assert writer.stats.rejected == 1
+    await conn.execute("PRAGMA query_only = 0")
+    await asyncio.gather(*futures)
+    writer.submit([row(11)])  # room again
+    await writer.close()
+    await conn.close()
+
+
+async def test_close_flushes_queued_rows(tmp_path):
+    conn = await open_database(tmp_path / "p.db")
+    writer = Writer(conn)
+    writer.start()
+    futures = [writer.submit([row(i)]) for i in range(100)]
+    await writer.close()
+    assert all(f.done() and f.exception() is None for f in futures)
+    with pytest.raises(Overloaded):
+        writer.submit([row(0)])
+    await conn.close()
+
+
+def test_migrations_set_user_version(tmp_path):
+    conn = open_sync(tmp_path / "p.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    open_sync(tmp_path / "p.db").close()  # a second open migrates nothing
+
+
+def test_newer_database_is_refused(tmp_path):
+    with sqlite3.connect(tmp_path / "p.db") as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(SchemaError, match="newer than this probe-server"):
+        open_sync(tmp_path / "p.db")

@@ -1,0 +1,263 @@
+"""The survey and probes over real sockets on 127.0.0.1 and ::1."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import re
+from typing import Any
+
+import aiohttp
+import pytest
+
+from probe_server.images import BLUE_BALL, RED_BALL
+from probe_server.keys import secret_key, writer_key
+from probe_server.server import ProbeServer
+from probe_server.tokens import new_token
+
+IMG = re.compile(r'<img src="([^"]+)"')
+TOKEN = re.compile(r'name="token" value="([a-z2-7]{32})"')
+
+
+class Page:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        urls = [html.unescape(u) for u in IMG.findall(text)]
+        self.red = [u for u in urls if "/red/" in u]
+        self.blue = [u for u in urls if "/blue/" in u]
+        match = TOKEN.search(text)
+        assert match, text
+        self.token = match.group(1)
+
+
+async def load_survey(http: aiohttp.ClientSession, server: ProbeServer, query: str = "") -> Page:
+    async with http.get(f"{server.base_urls['ipv4']}/{query}") as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Cache-Control"] == "no-store"
+        return Page(await response.text())
+
+
+async def fetch(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, bytes]:
+    async with http.get(url, **kwargs) as response:
+        return response.status, await response.read()
+
+
+async def test_survey_and_blue_balls_are_correlated(server, http, db):
+    page = await load_survey(http, server)
+    assert 1 <= len(page.red) <= 4 and 1 <= len(page.blue) <= 4
+    assert all(u.startswith(server.base_urls["ipv4"]) for u in page.red)
+    assert all(u.startswith(server.base_urls["ipv6"]) for u in page.blue)
+    for url in page.red:
+        assert await fetch(http, url) == (200, RED_BALL)
+    for url in page.blue:
+        assert await fetch(http, url) == (200, BLUE_BALL)
+
+    (row,) = db("SELECT * FROM session_summary")
+    assert row["token"] == page.token
+    assert row["ipv4"] == "127.0.0.1"
+    assert row["ipv6"] == "::1"
+    assert row["red_fetched"] == row["red_count"] == len(page.red)
+    assert row["blue_fetched"] == row["blue_count"] == len(page.blue)
+    assert row["visit"] == "direct" and row["preview"] == 0
+    sites = {r["kind"]: r["site"] for r in db("SELECT kind, site FROM requests")}
+    assert sites == {"survey": "ipv4", "red": "ipv4", "blue": "ipv6"}
+
+
+async def test_ball_urls_carry_ipv4_as_seen(server, http):
+    page = await load_survey(http, server)
+    assert all(u.endswith("?ip=127.0.0.1") for u in page.red + page.blue)
+
+
+async def test_probe_images_are_not_cacheable(server, http):
+    page = await load_survey(http, server)
+    async with http.get(page.blue[0]) as response:
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.content_type == "image/png"
+
+
+@pytest.mark.parametrize(
+    ("site", "path"),
+    [
+        ("ipv4", "/blue/{token}/1.png"),
+        ("ipv6", "/red/{token}/1.png"),
+        ("ipv6", "/"),
+    ],
+)
+async def test_known_path_on_wrong_site_is_misdirected(server, http, db, site, path):
+    page = await load_survey(http, server)
+    status, _ = await fetch(http, server.base_urls[site] + path.format(token=page.token))
+    assert status == 421
+    (row,) = db("SELECT * FROM requests WHERE status = 421")
+    assert row["kind"] == "wrong-site" and row["site"] == site
+    # A blue ball asked for on IPv4 does not correlate an IPv6 address.
+    assert db("SELECT ipv6 FROM session_summary")[0]["ipv6"] is None
+
+
+async def test_submit_on_ipv6_is_misdirected(server, http):
+    async with http.post(f"{server.base_urls['ipv6']}/submit", data={"red": "1"}) as response:
+        assert response.status == 421
+
+
+async def test_unknown_path_is_404_and_logged(server, http, db):
+    assert (await fetch(http, f"{server.base_urls['ipv6']}/wp-login.php"))[0] == 404
+    assert (await fetch(http, f"{server.base_urls['ipv4']}/../etc/passwd"))[0] == 404
+    rows = db("SELECT site, status FROM requests ORDER BY id")
+    assert [tuple(r) for r in rows] == [("ipv6", 404), ("ipv4", 404)]
+
+
+async def test_preview_accepted_and_direct_visits(server, http, db):
+    await load_survey(http, server, "?assignmentId=ASSIGNMENT_ID_NOT_AVAILABLE&hitId=H1")
+    accepted = "?assignmentId=A1&hitId=H1&workerId=W1&turkSubmitTo=https%3A%2F%2Fwww.mturk.com"
+    await load_survey(http, server, accepted)
+    await load_survey(http, server)
+    rows = db(
+        "SELECT visit, preview, assignment_id, hit_id, worker_id FROM session_summary ORDER BY id"
+    )
+    assert [tuple(r) for r in rows] == [
+        ("preview", 1, "ASSIGNMENT_ID_NOT_AVAILABLE", "H1", None),
+        ("accepted", 0, "A1", "H1", "W1"),
+        ("direct", 0, None, None, None),
+    ]
+    assert db("SELECT turk_submit_to FROM sessions WHERE id = 2")[0][0] == "https://www.mturk.com"
+
+
+async def test_preview_page_disables_submit(server, http):
+    page = await load_survey(http, server, "?assignmentId=ASSIGNMENT_ID_NOT_AVAILABLE&hitId=H1")
+    assert "This is a preview" in page.text
+    assert re.search(r'<button type="submit" disabled>', page.text)
+    page = await load_survey(http, server, "?assignmentId=A1&hitId=H1&workerId=W1")
+    assert "This is a preview" not in page.text
+    assert '<button type="submit">' in page.text
+
+
+async def test_forged_token_is_served_but_not_correlated(server, http, db):
+    page = await load_survey(http, server)
+    forged = new_token(b"not the server's secret at all")
+    url = page.blue[0].replace(page.token, forged)
+    assert await fetch(http, url) == (200, BLUE_BALL)
+    # A token with a flipped character fails the MAC too.
+    flipped = page.token[:-1] + ("a" if page.token[-1] != "a" else "b")
+    assert await fetch(http, page.blue[0].replace(page.token, flipped)) == (200, BLUE_BALL)
+    assert await fetch(http, page.blue[0].replace(page.token, "garbage")) == (200, BLUE_BALL)
+    rows = db("SELECT token, token_ok FROM unverified_requests ORDER BY id")
+    assert [tuple(r) for r in rows] == [(forged, 0), (flipped, 0)]
+    assert db("SELECT count(*) FROM requests WHERE kind = 'blue' AND token IS NULL")[0][0] == 1
+    assert db("SELECT ipv6, blue_fetched FROM session_summary")[0][:] == (None, 0)
+
+
+async def submit(http, server, **form: str) -> tuple[int, str]:
+    async with http.post(f"{server.base_urls['ipv4']}/submit", data=form) as response:
+        return response.status, await response.text()
+
+
+async def test_answer_is_checked_against_what_was_served(server, http, db):
+    right = await load_survey(http, server)
+    wrong = await load_survey(http, server)
+    assert (await submit(http, server, token=right.token, red=str(len(right.red)), blue="0"))[
+        0
+    ] == 200
+    bad_red = str(len(wrong.red) + 1)
+    status, text = await submit(http, server, token=wrong.token, red=bad_red, blue="2")
+    assert status == 200 and "Thank you" in text
+    rows = db(
+        "SELECT token, red_reported, blue_reported, red_correct FROM session_summary ORDER BY id"
+    )
+    assert [tuple(r) for r in rows] == [
+        (right.token, len(right.red), 0, 1),
+        (wrong.token, int(bad_red), 2, 0),
+    ]
+
+
+async def test_second_submission_is_kept_but_not_counted(server, http, db):
+    page = await load_survey(http, server)
+    red = str(len(page.red))
+    await submit(http, server, token=page.token, red=red, blue="1")
+    await submit(http, server, token=page.token, red="9", blue="9")
+    (row,) = db("SELECT red_reported, red_correct, submissions FROM session_summary")
+    assert tuple(row) == (int(red), 1, 2)
+    assert db("SELECT count(*) FROM answers")[0][0] == 2
+    assert db("SELECT count(*) FROM first_answers")[0][0] == 1
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"red": "1", "blue": "1"},
+        {"token": "x" * 32, "red": "1", "blue": "1"},
+        {"token": "{token}", "blue": "1"},
+        {"token": "{token}", "red": "", "blue": "1"},
+        {"token": "{token}", "red": "three", "blue": "1"},
+        {"token": "{token}", "red": "-1", "blue": "1"},
+        {"token": "{token}", "red": "1e3", "blue": "1"},
+        {"token": "{token}", "red": "١", "blue": "1"},
+        {"token": "{token}", "red": "1", "blue": "100"},
+    ],
+)
+async def test_bad_answers_are_400(server, http, db, form):
+    page = await load_survey(http, server)
+    form = {k: v.format(token=page.token) for k, v in form.items()}
+    status, text = await submit(http, server, **form)
+    assert status == 400
+    assert "Something is not right" in text
+    assert db("SELECT count(*) FROM answers")[0][0] == 0
+
+
+async def test_answer_for_unknown_session_with_valid_signature_is_400(server, http):
+    # Signed with the server's own secret, but never served: no session row.
+    token = new_token(server.app[secret_key])
+    status, text = await submit(http, server, token=token, red="1", blue="1")
+    assert status == 400 and "unknown" in text
+
+
+async def test_non_utf8_body_is_400(server, http):
+    body = b"token=" + b"\xff\xfe" * 16 + b"&red=1&blue=1"
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with http.post(
+        f"{server.base_urls['ipv4']}/submit", data=body, headers=headers
+    ) as response:
+        assert response.status == 400
+
+
+async def test_oversized_body_is_413(server, http):
+    async with http.post(
+        f"{server.base_urls['ipv4']}/submit", data={"token": "a", "pad": "x" * 100_000}
+    ) as response:
+        assert response.status == 413
+
+
+async def test_oversized_query_and_header_are_4xx(server, http):
+    status, _ = await fetch(http, f"{server.base_urls['ipv4']}/?x={'a' * 20000}")
+    assert 400 <= status < 500
+    status, _ = await fetch(http, f"{server.base_urls['ipv4']}/", headers={"X-Big": "a" * 20000})
+    assert 400 <= status < 500
+
+
+@pytest.mark.parametrize("name", ["assignmentId", "hitId", "workerId", "batch"])
+async def test_malformed_mturk_parameters_are_400(server, http, name):
+    async with http.get(
+        f"{server.base_urls['ipv4']}/", params={name: '"><script>alert(1)</script>'}
+    ) as response:
+        assert response.status == 400
+        assert "<script>alert" not in await response.text()
+
+
+async def test_non_utf8_query_is_handled(server, http, db):
+    # %ff is not UTF-8: rejected by the parameter check or stored, never a 500.
+    async with http.get(
+        aiohttp.client.URL(f"{server.base_urls['ipv4']}/?workerId=%ff%fe", encoded=True)
+    ) as response:
+        assert response.status in (200, 400)
+    assert db("SELECT count(*) FROM requests WHERE status >= 500")[0][0] == 0
+
+
+async def test_concurrent_fetches_share_commits(server, http, db):
+    page = await load_survey(http, server)
+    urls = [f"{page.blue[0]}&n={i}" for i in range(300)]
+    connector = aiohttp.TCPConnector(limit=100)
+    async with aiohttp.ClientSession(connector=connector) as many:
+        results = await asyncio.gather(*(fetch(many, u) for u in urls))
+    assert {status for status, _ in results} == {200}
+    writer = server.app[writer_key]
+    assert writer.stats.rows >= 302
+    assert writer.stats.commits < writer.stats.rows / 3, writer.stats
+    assert db("SELECT fetches FROM session_ipv6")[0][0] == 300
