@@ -115,3 +115,22 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
     path.write_text("\n".join(lines) + "\n")
     tomllib.loads(path.read_text())  # fail early on a helper bug
     return path
+
+
+def require_tool(name: str) -> str:
+    """The path of an external program a test needs.
+
+    Missing on a developer's machine: the test is skipped with the reason.
+    Missing in CI (``PROBE_SERVER_CI=1``, set by ``.ci/run``, which installs
+    it): the test fails, so CI can never pass by skipping.
+    """
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    if os.environ.get("PROBE_SERVER_CI"):
+        pytest.fail(f"{name} is required in CI; add its Debian package to .ci/run")
+    pytest.skip(f"{name} is not installed")
