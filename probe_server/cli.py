@@ -9,13 +9,22 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from . import __version__
 from .config import Config, ConfigError, load_config
+from .mturk.experiment import ExperimentError
+from .mturk.requester import RequesterError
 from .server import Listeners, StartupError, endpoint_text, serve
 
 log = logging.getLogger("probe_server")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+# botocore logs each request's headers at DEBUG, the access key id among
+# them: these loggers never go below WARNING, whatever --log-level says.
+QUIET_LOGGERS = ("botocore", "aiobotocore", "aioboto3", "boto3", "urllib3")
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -24,6 +33,8 @@ def setup_logging(level: str = "INFO") -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_async(coroutine: Coroutine[Any, Any, int]) -> int:
@@ -64,6 +75,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .mturk import cli as mturk_cli
+
     parser = argparse.ArgumentParser(
         prog="probe-server", description="Crowdsourced IPv4/IPv6 measurement server."
     )
@@ -78,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_parser.add_argument("--config", metavar="FILE", help="TOML config file")
     serve_parser.set_defaults(func=cmd_serve)
+    mturk_cli.add_commands(commands)
     return parser
 
 
@@ -92,6 +106,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except StartupError as e:
         print(f"probe-server: cannot start: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ExperimentError as e:
+        print(f"probe-server: experiment file error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except RequesterError as e:
+        print(f"probe-server: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ClientError as e:
+        error = e.response.get("Error", {})
+        print(
+            f"probe-server: MTurk refused: {error.get('Code', '?')}: {error.get('Message', e)}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except BotoCoreError as e:
+        # e.g. no credentials found, endpoint unreachable; never the credentials.
+        print(f"probe-server: cannot reach MTurk: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
