@@ -16,3 +16,7 @@ reader_key = web.AppKey("reader", aiosqlite.Connection)
 templates_key = web.AppKey("templates", jinja2.Environment)
 # The base URL of each site ("ipv4", "ipv6") once its socket is bound.
 base_urls_key = web.AppKey("base_urls", dict[str, str])
+# Origins accepted as turkSubmitTo: MTurk's worker sites and any rehearsal sites.
+worker_sites_key = web.AppKey("worker_sites", tuple[str, ...])
+# The Content-Security-Policy of every page (framing and form targets).
+csp_key = web.AppKey("csp", str)
