@@ -150,12 +150,17 @@ def cmd_publish(args: argparse.Namespace) -> int:
             )
             + "."
         )
-        for hit in published:
-            url = requester.preview_url(hit.hit_group_id)
+        for batch in dict.fromkeys(hit.batch for hit in published):
+            of_batch = [hit for hit in published if hit.batch == batch]
+            ids = ", ".join(hit.hit_id for hit in of_batch[:3])
+            more = f" and {len(of_batch) - 3} more" if len(of_batch) > 3 else ""
             print(
-                f"  {hit.batch} {hit.hit_id} ({hit.max_assignments} assignments)"
-                + (f" {url}" if url else "")
+                f"  {batch}: {len(of_batch)} HITs,"
+                f" {sum(hit.max_assignments for hit in of_batch)} assignments ({ids}{more})"
             )
+            for group in dict.fromkeys(hit.hit_group_id for hit in of_batch):
+                if url := requester.preview_url(group):
+                    print(f"    workers see it at {url}")
         return EXIT_OK
 
     return _run(args, body)
@@ -294,6 +299,9 @@ def add_commands(commands: Any) -> None:
     )
 
     hits = commands.add_parser("hits", help="publish and manage the experiment's MTurk HITs")
+    # What hits prints is for the researcher; INFO logs would break up its
+    # tables and progress bars (--log-level INFO brings them back).
+    hits.set_defaults(default_log_level="WARNING")
     actions = hits.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     publish = actions.add_parser(
