@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import io
 import json
 import logging
+import os
 import sqlite3
+import struct
 import sys
+import termios
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +85,10 @@ async def test_publish_twice_creates_nothing_new(tmp_path, fake_mturk):
         'name = "in"\nreward = "0.10"\nassignments = 2\ncountries = ["IN"]\n'
         "exclude_other_batches = true",
     )
-    status, out, _ = await cli("hits", "publish", str(path), "--endpoint-url", fake_mturk.url)
+    status, out, err = await cli("hits", "publish", str(path), "--endpoint-url", fake_mturk.url)
     assert status == 0, out
     assert "Published 2 new HITs" in out
+    assert "publishing" not in err  # no progress bar where there is no terminal
     fake = fake_mturk.fake
     first = sorted(fake.hits)
     recorded = rows(tmp_path, "SELECT hit_id, batch, hit_index, sandbox FROM hits ORDER BY batch")
@@ -214,6 +219,41 @@ async def test_split_flag_in_the_sandbox(tmp_path, fake_mturk):
     )
     assert status == 0 and "3 x" not in out
     assert sorted(h.max_assignments for h in fake_mturk.fake.hits.values()) == [6, 7, 7]
+
+
+async def test_progress_shows_on_a_terminal(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path)
+    main_fd, terminal = os.openpty()
+    # A terminal of 24 x 80: tqdm draws nothing on one of no size.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "probe_server",
+            "hits",
+            "publish",
+            str(path),
+            "--endpoint-url",
+            fake_mturk.url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=terminal,
+        )
+    finally:
+        os.close(terminal)
+    out, _ = await process.communicate()
+    assert process.returncode == 0, out
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main_fd)
+    assert b"publishing" in shown and b"HIT" in shown
 
 
 # -- credentials ---------------------------------------------------------------------

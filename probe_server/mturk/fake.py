@@ -22,6 +22,7 @@ loopback only: it checks no signatures and has no notion of accounts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -984,11 +985,17 @@ async def _no_cache(request: web.Request, handler: Handler) -> web.StreamRespons
     return response
 
 
+@functools.cache
+def mturk_model() -> ServiceModel:
+    """botocore's model of the MTurk requester API (loaded once: it is large)."""
+    return botocore.session.get_session().get_service_model("mturk")
+
+
 def create_fake_app(fake: FakeMTurk) -> web.Application:
     """The fake's one application: requester API and worker site."""
     app = web.Application(middlewares=[_no_cache])
     app[fake_key] = fake
-    app[model_key] = botocore.session.get_session().get_service_model("mturk")
+    app[model_key] = mturk_model()
     app[templates_key] = jinja2.Environment(
         loader=jinja2.PackageLoader("probe_server", "templates"),
         autoescape=True,
