@@ -47,8 +47,8 @@ def free_port() -> int:
         return port
 
 
-async def wait_for_port(port: int, timeout: float = 30) -> None:
-    async with asyncio.timeout(timeout):
+async def wait_for_port(port: int) -> None:
+    async with asyncio.timeout(30):
         while True:
             try:
                 _, writer = await asyncio.open_connection("::1", port)

@@ -8,9 +8,11 @@ from aiohttp import web
 
 from .config import Config
 from .store import Writer
+from .tokens import TokenVerifier
 
 config_key = web.AppKey("config", Config)
 secret_key = web.AppKey("secret", bytes)
+verifier_key = web.AppKey("verifier", TokenVerifier)
 writer_key = web.AppKey("writer", Writer)
 reader_key = web.AppKey("reader", aiosqlite.Connection)
 templates_key = web.AppKey("templates", jinja2.Environment)

@@ -28,8 +28,9 @@ class ServerProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.endpoints: dict[str, str] = {}
         self.stderr = b""
+        self.timeout = 30.0  # seconds for start-up and for exit
 
-    async def start(self, timeout: float = 30) -> None:
+    async def start(self) -> None:
         notify_path = self.workdir / f"notify-{os.getpid()}-{id(self)}.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
@@ -50,7 +51,7 @@ class ServerProcess:
         )
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(self.timeout):
                 wait_exit = asyncio.ensure_future(self.process.wait())
                 while True:
                     receive = asyncio.ensure_future(loop.sock_recv(notify, 4096))
@@ -79,9 +80,9 @@ class ServerProcess:
         assert self.process is not None
         self.process.send_signal(signum)
 
-    async def wait(self, timeout: float = 30) -> int:
+    async def wait(self) -> int:
         assert self.process is not None
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(self.timeout):
             _, self.stderr = await self.process.communicate()
         assert self.process.returncode is not None
         return self.process.returncode

@@ -24,9 +24,17 @@ from aiohttp import web
 
 from . import images, survey
 from .config import Config
-from .keys import base_urls_key, config_key, reader_key, secret_key, templates_key, writer_key
+from .keys import (
+    base_urls_key,
+    config_key,
+    reader_key,
+    secret_key,
+    templates_key,
+    verifier_key,
+    writer_key,
+)
 from .store import NotStored, Overloaded, Row, Writer, open_database, open_reader
-from .tokens import looks_like_token, new_token, verify_token
+from .tokens import TokenVerifier, looks_like_token, new_token
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Probe:
     """What a handler learnt about its request, for the request log."""
 
+    addr: str
+    port: int
     kind: str = "unknown"
     token: str | None = None
     token_ok: bool = False
@@ -120,7 +130,7 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
         return _bad_request(request, str(e))
     token = new_token(request.app[secret_key])
     red, blue = survey.draw_counts(config.survey.min_balls, config.survey.max_balls)
-    address, port = peer(request)
+    address = probe.addr
     probe.token, probe.token_ok, probe.durable = token, True, True
     probe.rows.append(
         (
@@ -129,7 +139,7 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
                 token,
                 time.time(),
                 address,
-                port,
+                probe.port,
                 request.headers.get("User-Agent", "")[:MAX_LOGGED_AGENT],
                 red,
                 blue,
@@ -162,7 +172,7 @@ async def _ball(request: web.Request, kind: str, body: bytes) -> web.StreamRespo
     ball = request.match_info["ball"]
     if looks_like_token(token):
         probe.token = token
-        probe.token_ok = verify_token(request.app[secret_key], token)
+        probe.token_ok = request.app[verifier_key](token)
     if ball.isdigit() and len(ball) <= 2:
         probe.ball = int(ball)
     # A forged or unknown token still gets its image, so the page never
@@ -192,7 +202,7 @@ async def submit(request: web.Request) -> web.StreamResponse:
     token = fields.get("token", "")
     if looks_like_token(token):
         probe.token = token
-        probe.token_ok = verify_token(request.app[secret_key], token)
+        probe.token_ok = request.app[verifier_key](token)
     if not probe.token_ok:
         return _bad_request(request, "this survey session is not valid; please reload the page")
     try:
@@ -205,12 +215,11 @@ async def submit(request: web.Request) -> web.StreamResponse:
         session = await cursor.fetchone()
     if session is None:
         return _bad_request(request, "this survey session is unknown; please reload the page")
-    address, _ = peer(request)
     probe.durable = True
     probe.rows.append(
         (
             INSERT_ANSWER,
-            (token, time.time(), address, answer.red, answer.blue, answer.red == session[0]),
+            (token, time.time(), probe.addr, answer.red, answer.blue, answer.red == session[0]),
         )
     )
     return _page(request, "thanks.html")
@@ -220,14 +229,13 @@ async def submit(request: web.Request) -> web.StreamResponse:
 
 
 def _request_row(request: web.Request, site: str, probe: Probe, status: int, size: int) -> Row:
-    address, port = peer(request)
     return (
         INSERT_REQUEST,
         (
             time.time(),
             site,
-            address,
-            port,
+            probe.addr,
+            probe.port,
             request.method[:16],
             request.raw_path[:MAX_LOGGED_PATH],
             probe.kind,
@@ -252,7 +260,7 @@ def _unavailable(reason: str) -> web.Response:
 async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Route by socket family, log the request, hold probes until stored."""
     site = site_of(request)
-    probe = request[probe_key] = Probe()
+    probe = request[probe_key] = Probe(*peer(request))
     allowed = getattr(request.match_info.handler, "sites", None)
     try:
         if allowed is not None and site not in allowed:
@@ -268,7 +276,7 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     # successful probes turn into 503 when the row cannot be stored: they are
     # the measurement, and a 200 must mean that it was kept.
     try:
-        await request.app[writer_key].write(rows, request.app[config_key].server.commit_timeout)
+        await request.app[writer_key].write(rows)
     except Overloaded:
         if probe.durable and response.status < 400:
             return _unavailable("overloaded")
@@ -288,7 +296,10 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     path = config.resolve(config.database.path)
     conn = await open_database(path, config.database.synchronous)
     writer = Writer(
-        conn, queue_limit=config.database.queue_limit, batch_max=config.database.batch_max
+        conn,
+        queue_limit=config.database.queue_limit,
+        batch_max=config.database.batch_max,
+        commit_timeout=config.server.commit_timeout,
     )
     writer.start()
     reader = await open_reader(path)
@@ -315,6 +326,7 @@ def create_app(config: Config, secret: bytes, base_urls: dict[str, str]) -> web.
     app[config_key] = config
     app[base_urls_key] = base_urls
     app[secret_key] = secret
+    app[verifier_key] = TokenVerifier(secret)
     app[templates_key] = jinja2.Environment(
         loader=jinja2.PackageLoader("probe_server", "templates"),
         autoescape=True,
