@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -93,7 +94,7 @@ class ServerProcess:
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
-    """Write a config as TOML (tables of scalars, enough for tests)."""
+    """Write a config as TOML (tables of scalars and lists of strings, enough for tests)."""
     lines: list[str] = []
 
     def emit(prefix: str, table: dict[str, Any]) -> None:
@@ -105,6 +106,8 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
                 lines.append(f"{key} = {'true' if value else 'false'}")
             elif isinstance(value, int | float):
                 lines.append(f"{key} = {value}")
+            elif isinstance(value, list | tuple):
+                lines.append(f"{key} = [{', '.join(json.dumps(str(v)) for v in value)}]")
             else:
                 lines.append(f'{key} = "{value}"')
         for key, value in table.items():

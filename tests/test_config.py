@@ -42,7 +42,7 @@ def test_every_key_is_in_the_example_with_a_comment():
         elif re.match(r"#? ?[a-z_0-9]+ = ", stripped):
             documented.add(section + stripped.lstrip("# ").split(" =")[0])
             if not stripped.startswith("#"):
-                assert previous.startswith("#") or re.match(r"[a-z_]+ = ", previous), line
+                assert previous.startswith("#") or re.match(r"[a-z_0-9]+ = ", previous), line
         previous = stripped
     assert documented == _model_keys(Config)
 

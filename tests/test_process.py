@@ -15,6 +15,8 @@ import pytest
 
 from probe_server.testing import ServerProcess, write_config
 
+from .conftest import EXAMPLE_ZONES
+
 
 @pytest.fixture
 def config_path(tmp_path: Path) -> Path:
@@ -24,6 +26,11 @@ def config_path(tmp_path: Path) -> Path:
             "server": {"secret_file": "probe.secret", "shutdown_timeout": 5},
             "sites": {"ipv4": {"listen": "127.0.0.1:0"}, "ipv6": {"listen": "[::1]:0"}},
             "database": {"path": "probe.db"},
+            "dns": {
+                "zones": EXAMPLE_ZONES,
+                "listen_ipv4": "127.0.0.1:0",
+                "listen_ipv6": "[::1]:0",
+            },
         },
     )
 
