@@ -175,6 +175,12 @@ class DnsServer:
             )
             self._writer = None
 
+    async def drain(self) -> None:
+        """Hand queued rows to the writer and wait for their commit (tests, shutdown)."""
+        self._flush()
+        if self._writer is not None:
+            await self._writer.write([])
+
     # -- one message ---------------------------------------------------------
 
     def handle(self, data: bytes, peer: Any, family: int, transport: str) -> bytes | None:

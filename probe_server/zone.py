@@ -23,12 +23,12 @@ import dns.name
 import dns.rdata
 import dns.rdatatype
 import dns.zone
-from dnslib import AAAA, CNAME, MX, NS, PTR, RD, RR, SOA, A, DNSLabel
+from dnslib import AAAA, CNAME, MX, NS, PTR, RD, RR, SOA, TXT, A, DNSLabel
 
 Name = tuple[bytes, ...]
 
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
-TYPE_A, TYPE_NS, TYPE_CNAME, TYPE_SOA, TYPE_MX = 1, 2, 5, 6, 15
+TYPE_A, TYPE_NS, TYPE_CNAME, TYPE_SOA, TYPE_MX, TYPE_TXT = 1, 2, 5, 6, 15, 16
 TYPE_AAAA, TYPE_SRV, TYPE_DNAME, TYPE_DS, TYPE_ANY = 28, 33, 39, 43, 255
 WILDCARD = b"*"
 # A CNAME chain longer than this is answered as far as it goes.
@@ -99,6 +99,8 @@ def _rdata(rdata: dns.rdata.Rdata) -> RD:
         return {TYPE_NS: NS, TYPE_CNAME: CNAME}.get(kind, PTR)(target)
     if kind == TYPE_MX:
         return MX(_label(rdata.exchange), rdata.preference)  # type: ignore[attr-defined]
+    if kind == TYPE_TXT:
+        return TXT(list(rdata.strings))  # type: ignore[attr-defined]
     if kind == TYPE_SOA:
         s = rdata
         times = (s.serial, s.refresh, s.retry, s.expire, s.minimum)  # type: ignore[attr-defined]
@@ -130,7 +132,8 @@ def load_zone(path: str | os.PathLike[str]) -> Zone:
         raise ZoneError(f"{path}: no NS records at the zone's origin") from None
     except (dns.exception.DNSException, ValueError, KeyError) as e:
         text = str(e) or type(e).__name__
-        raise ZoneError(f"{path}: {text}") from None
+        # dnspython's syntax errors already start with "FILE:LINE:".
+        raise ZoneError(text if text.startswith(f"{path}:") else f"{path}: {text}") from None
     if parsed.origin is None:
         raise ZoneError(f"{path}: no $ORIGIN line names the zone")
     origin = _key(parsed.origin)
@@ -225,7 +228,7 @@ class Authority:
             ):
                 wildcard_parent = synthesised_parent
             cname = rrsets.get(TYPE_CNAME)
-            if cname is not None and qtype != TYPE_CNAME:
+            if cname is not None and qtype not in (TYPE_CNAME, TYPE_ANY):
                 answer.extend(_owned(cname, name))
                 target = tuple(label.lower() for label in cname[0].rdata.label.label)
                 next_zone = self.find_zone(target)
