@@ -147,9 +147,9 @@ class SurveyConfig(_Model):
         return self
 
 
-def _family(endpoint: str, version: int, what: str) -> str:
+def _family(endpoint: str, version: int) -> str:
     if ipaddress.ip_address(parse_endpoint(endpoint)[0]).version != version:
-        raise ValueError(f"{what} needs an IPv{version} address, got {endpoint!r}")
+        raise ValueError(f"needs an IPv{version} address, got {endpoint!r}")
     return endpoint
 
 
@@ -189,12 +189,12 @@ class DnsConfig(_Model):
     @field_validator("listen_ipv4")
     @classmethod
     def _ipv4_socket(cls, value: str) -> str:
-        return _family(value, 4, "listen_ipv4")
+        return _family(value, 4)
 
     @field_validator("listen_ipv6")
     @classmethod
     def _ipv6_socket(cls, value: str) -> str:
-        return _family(value, 6, "listen_ipv6")
+        return _family(value, 6)
 
     @model_validator(mode="after")
     def _some_zone(self) -> DnsConfig:

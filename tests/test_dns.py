@@ -476,3 +476,25 @@ def test_template_not_used_for_names_that_exist():
     # And a later 4-letter name still gets the wildcard.
     again = dns.message.from_wire(responder.respond(wire_query("yyyy.v6.edge.test", "AAAA")).reply)
     assert section(again, "answer") == [("yyyy.v6.edge.test.", "AAAA", 300, "2001:db8::10")]
+
+
+async def test_bad_zone_file_stops_startup_before_anything_binds(make_config, tmp_path):
+    from probe_server.server import StartupError
+
+    bad = tmp_path / "bad.zone"
+    bad.write_text("$ORIGIN bad.test.\n@ 60 IN NS ns.bad.test.\n")
+    server = ProbeServer(make_config(dns={"zones": [str(bad)]}))
+    with pytest.raises(StartupError, match=r"^dns\.zones: .*bad\.zone: no SOA"):
+        await server.start()
+    assert server.listeners is None
+    assert not (tmp_path / "probe.db").exists()
+
+
+async def test_dns_can_be_turned_off(make_config):
+    server = ProbeServer(make_config(dns={"enabled": False, "zones": []}))
+    listeners = await server.start()
+    try:
+        assert listeners.dns == {}
+        assert "dns_" not in listeners.describe()
+    finally:
+        await server.stop()
