@@ -109,12 +109,19 @@ def _rdata(rdata: dns.rdata.Rdata) -> RD:
 
 
 def _targets(rrset: Iterable[RR]) -> list[Name]:
-    """Names whose addresses belong in the additional section (RFC 1034 §3.6.2)."""
+    """Names whose addresses belong in the additional section (RFC 1034 §3.6.2, RFC 2782)."""
     names = []
     for rr in rrset:
         rdata = rr.rdata
         if rr.rtype in (TYPE_NS, TYPE_MX):
             names.append(tuple(label.lower() for label in rdata.label.label))
+        elif rr.rtype == TYPE_SRV:
+            # Carried as wire bytes: priority, weight, port, uncompressed target.
+            data, pos, labels = rdata.data, 6, []
+            while data[pos]:
+                labels.append(data[pos + 1 : pos + 1 + data[pos]].lower())
+                pos += data[pos] + 1
+            names.append(tuple(labels))
     return names
 
 
@@ -209,13 +216,16 @@ class Authority:
         additional: list[RR] = []
         wildcard_parent: Name | None = None
         name = qname
+        seen = {qname}
         for step in range(MAX_CNAME_CHAIN + 1):
             found = self._find(zone, name, qtype)
             if isinstance(found, _Referral):
+                glue = tuple(self._addresses(_targets(found.ns), zone, glue=True))
                 if step == 0:
-                    glue = tuple(self._addresses(_targets(found.ns), zone, glue=True))
                     return Answer(NOERROR, authoritative=False, authority=found.ns, additional=glue)
-                break  # a CNAME into a delegated zone: the resolver follows it
+                # A CNAME into a delegated zone: the CNAME, and the referral
+                # for the resolver to follow (as BIND and Knot answer).
+                return Answer(NOERROR, True, tuple(answer), found.ns, (*additional, *glue))
             if found is None:
                 return Answer(
                     NXDOMAIN, True, tuple(answer), (zone.negative_soa,), tuple(additional)
@@ -232,8 +242,9 @@ class Authority:
                 answer.extend(_owned(cname, name))
                 target = tuple(label.lower() for label in cname[0].rdata.label.label)
                 next_zone = self.find_zone(target)
-                if next_zone is None or step == MAX_CNAME_CHAIN:
-                    break  # out of our zones (or too long): the resolver goes on
+                if next_zone is None or target in seen or step == MAX_CNAME_CHAIN:
+                    break  # out of our zones, a loop, or too long: the resolver goes on
+                seen.add(target)
                 zone, name = next_zone, target
                 continue
             chosen = _minimal_any(rrsets) if qtype == TYPE_ANY else rrsets.get(qtype)

@@ -296,12 +296,15 @@ def test_cname_is_followed_inside_our_zones(authority, example):
         NOERROR,
         [("outside.edge.test.", "CNAME", 300, "www.example.com.")],
     )
-    # Into a delegated child: the CNAME alone.
+    # Into a delegated child: the CNAME, and the referral to follow.
     child = ask(authority, "intochild.edge.test", "A")
     assert (child.rcode, child.authoritative, len(child.answer)) == (NOERROR, True, 1)
-    # A loop ends.
+    assert records(child.authority) == [("sub.edge.test.", "NS", 300, "ns.sub.edge.test.")]
+    assert len(child.additional) == 2
+    # A loop ends where it closes.
     loop = ask(authority, "loopa.edge.test", "A")
-    assert loop.rcode == NOERROR and 2 <= len(loop.answer) <= 10
+    assert loop.rcode == NOERROR
+    assert [r[0] for r in records(loop.answer)] == ["loopa.edge.test.", "loopb.edge.test."]
     # A wildcard CNAME takes the query name as owner.
     wild = ask(authority, "anything.wild.edge.test", "A")
     assert records(wild.answer)[0][:2] == ("anything.wild.edge.test.", "CNAME")
