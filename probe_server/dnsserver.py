@@ -73,19 +73,26 @@ class RateLimiter:
             socket.AF_INET: 32 - config.ipv4_prefix,
             socket.AF_INET6: 128 - config.ipv6_prefix,
         }
+        # address text -> its prefix (parsing an address costs more than the rest)
+        self._prefixes: dict[str, tuple[int, int]] = {}
         # prefix -> [tokens, last refill, responses limited so far]
         self._buckets: dict[tuple[int, int], list[float]] = {}
 
     def check(self, family: int, address: str, now: float) -> str:
-        packed = socket.inet_pton(family, address.partition("%")[0])
-        key = (family, int.from_bytes(packed, "big") >> self._shift[family])
+        key = self._prefixes.get(address)
+        if key is None:
+            packed = socket.inet_pton(family, address.partition("%")[0])
+            key = (family, int.from_bytes(packed, "big") >> self._shift[family])
+            if len(self._prefixes) >= self.max_prefixes:
+                self._prefixes.clear()
+            self._prefixes[address] = key
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self.max_prefixes:
                 self._forget_idle(now)
             bucket = self._buckets[key] = [self.burst, now, 0.0]
         else:
-            elapsed = now - bucket[1]
+            elapsed = now - bucket[1]  # wall clock: a step back only delays refills
             if elapsed > 0:
                 bucket[0] = min(self.burst, bucket[0] + elapsed * self.rate)
                 bucket[1] = now
@@ -191,7 +198,7 @@ class DnsServer:
         action = PASS
         if self.rate_limiter is not None and transport == UDP:
             # TCP needs a completed handshake, so its source can't be spoofed.
-            action = self.rate_limiter.check(family, host, time.monotonic())
+            action = self.rate_limiter.check(family, host, now)
         try:
             outcome = self.responder.respond(data, tcp=transport == TCP, slip=action == SLIP)
         except Exception:

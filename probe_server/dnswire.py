@@ -169,6 +169,19 @@ class Responder:
         self._names = frozenset(
             name_wire(name) for zone in authority.zones.values() for name in zone.nodes
         )
+        # Query names as text for the log, by their exact wire bytes; seeded
+        # with every zone name and its ancestors in lower case.
+        self._zone_texts = {
+            wire: name_text(wire)
+            for name in {
+                node[depth:]
+                for zone in authority.zones.values()
+                for node in zone.nodes
+                for depth in range(len(node) + 1)
+            }
+            for wire in (name_wire(name),)
+        }
+        self._texts = dict(self._zone_texts)
 
     # -- the fast path ---------------------------------------------------------
 
@@ -241,19 +254,41 @@ class Responder:
         else:
             reply = ident + entry.heads[bits] + question + entry.rest
             truncated = False
+        text = self._texts.get(wire)
+        if text is None:
+            text = self._name_text(wire)
         return Outcome(
-            reply, name_text(wire), type_text(qtype), entry.rcode, truncated, version, udp
-        )
+            reply, text, _TYPE_TEXT.get(qtype) or type_text(qtype), entry.rcode, truncated,
+            version, udp,
+        )  # fmt: skip
+
+    def _name_text(self, wire: bytes) -> str:
+        """Presentation form of a name not in the text cache.
+
+        A per-session name is one new label on a known parent: only that
+        label is converted. Other names are converted whole and remembered.
+        """
+        first = wire[0]
+        if first:
+            parent = self._texts.get(wire[first + 1 :])
+            label = wire[1 : first + 1]
+            if parent is not None and not label.translate(None, _PLAIN_BYTES):
+                return label.decode("ascii") + ("." + parent if parent != "." else ".")
+        text = name_text(wire)
+        if len(self._texts) >= self.cache_size:
+            self._texts = dict(self._zone_texts)
+        self._texts[wire] = text
+        return text
 
     def _lookup(self, lower: bytes, qtype: int, edns: int) -> _Entry:
-        labels = wire_labels(lower)
+        first = lower[0]
         template_key = None
-        if labels:
-            first = len(labels[0])
+        if first:
             template_key = (lower[first + 1 :], first, qtype, edns)
             template = self._templates.get(template_key)
             if template is not None and lower not in self._names:
                 return template
+        labels = wire_labels(lower)
         answer = self.authority.answer(labels, qtype)
         entry = _Entry(answer, labels, qtype, self._opts[edns])
         if answer.wildcard_parent is not None and template_key is not None:

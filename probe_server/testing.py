@@ -73,6 +73,11 @@ class ServerProcess:
         assert status, message
         self.endpoints = dict(part.split("=", 1) for part in status.group(1).split())
 
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
     def url(self, site: str) -> str:
         return f"http://{self.endpoints[f'http_{site}']}"
 
@@ -190,6 +195,11 @@ class KnotProcess:
         self.prefix = list(prefix)
         self.port = 0
         self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
 
     def config(self) -> str:
         zones = ""

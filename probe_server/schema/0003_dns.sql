@@ -19,7 +19,6 @@ CREATE TABLE dns_queries (
     udp_size     INTEGER              -- the query's EDNS UDP payload size
 );
 CREATE INDEX dns_queries_t ON dns_queries (t);
-CREATE INDEX dns_queries_qname ON dns_queries (lower(qname));
 
 -- One row per resolver address: which resolvers reach us, over which family.
 CREATE VIEW dns_resolvers AS
