@@ -80,6 +80,7 @@ async def run(args: argparse.Namespace) -> int:
                 "server": {"secret_file": "probe.secret"},
                 "sites": {"ipv4": {"listen": "127.0.0.1:0"}, "ipv6": {"listen": "[::1]:0"}},
                 "database": {"path": "probe.db", "synchronous": args.synchronous},
+                "dns": {"enabled": False},
             },
         )
         server = ServerProcess(config, workdir, prefix=pin(0))

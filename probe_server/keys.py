@@ -7,6 +7,7 @@ import jinja2
 from aiohttp import web
 
 from .config import Config
+from .dnsserver import DnsServer
 from .store import Writer
 from .tokens import TokenVerifier
 
@@ -18,3 +19,5 @@ reader_key = web.AppKey("reader", aiosqlite.Connection)
 templates_key = web.AppKey("templates", jinja2.Environment)
 # The base URL of each site ("ipv4", "ipv6") once its socket is bound.
 base_urls_key = web.AppKey("base_urls", dict[str, str])
+# The DNS listeners, when DNS is enabled.
+dns_key = web.AppKey("dns", DnsServer)

@@ -24,9 +24,11 @@ from aiohttp import web
 
 from . import images, survey
 from .config import Config
+from .dnsserver import DnsServer
 from .keys import (
     base_urls_key,
     config_key,
+    dns_key,
     reader_key,
     secret_key,
     templates_key,
@@ -320,8 +322,27 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         )
 
 
-def create_app(config: Config, secret: bytes, base_urls: dict[str, str]) -> web.Application:
-    """The public application; the same app serves both sites' sockets."""
+async def _dns(app: web.Application) -> AsyncIterator[None]:
+    """The DNS listeners: started after the writer they log to, stopped before it."""
+    config = app[config_key]
+    dns = app[dns_key]
+    # Query rows may fill at most half the write queue; the rest is the probes'.
+    await dns.start(app[writer_key], log_limit=config.database.queue_limit // 2)
+    log.info("event=dns_started zones=%d", len(dns.responder.authority.zones))
+    try:
+        yield
+    finally:
+        await dns.stop()
+
+
+def create_app(
+    config: Config, secret: bytes, base_urls: dict[str, str], dns: DnsServer | None = None
+) -> web.Application:
+    """The public application; the same app serves both sites' sockets.
+
+    ``dns``, when given, is started and stopped with the application, after
+    the database writer it logs to.
+    """
     app = web.Application(middlewares=[record], client_max_size=config.server.max_body)
     app[config_key] = config
     app[base_urls_key] = base_urls
@@ -333,6 +354,9 @@ def create_app(config: Config, secret: bytes, base_urls: dict[str, str]) -> web.
         undefined=jinja2.StrictUndefined,
     )
     app.cleanup_ctx.append(_database)
+    if dns is not None:
+        app[dns_key] = dns
+        app.cleanup_ctx.append(_dns)
     app.router.add_get("/", survey_page)
     app.router.add_post("/submit", submit)
     app.router.add_get(r"/red/{token}/{ball}.png", red_ball)
