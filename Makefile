@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format check-zones bench clean venv
+.PHONY: run test lint format bench bench-dns clean venv
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/http_probe.py
+
+# Needs dnsperf and knot (Debian packages); both servers on CPU 0, dnsperf on CPU 1.
+bench-dns: $(STAMP)
+	$(BIN)/python bench/dns_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

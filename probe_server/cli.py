@@ -64,6 +64,14 @@ def _demo_banner(config: Config) -> Callable[[Listeners], None]:
             f"    sqlite3 -header -column {db} '{query}'\n",
             flush=True,
         )
+        if "udp_ipv4" in listeners.dns:
+            host, port = listeners.dns["udp_ipv4"].getsockname()[:2]
+            print(
+                "  DNS for example.org answers on UDP and TCP, IPv4 and IPv6:\n"
+                f"    dig @{host} -p {port} +norec v6.example.org AAAA\n"
+                f"    dig @{host} -p {port} +norec v6.example.org A   (NODATA: no A record)\n",
+                flush=True,
+            )
 
     return show
 

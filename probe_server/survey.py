@@ -6,6 +6,7 @@ them and turn their errors into 4xx responses.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import secrets
@@ -43,6 +44,7 @@ class BadInput(ValueError):
     """A request parameter is malformed; the message is safe to show."""
 
 
+@functools.lru_cache(maxsize=65536)
 def canonical_address(host: str) -> str:
     """Normalise a peer address: IPv4-mapped IPv6 becomes IPv4, zone ids go."""
     address = ipaddress.ip_address(host.split("%", 1)[0])

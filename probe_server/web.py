@@ -24,18 +24,21 @@ from aiohttp import web
 
 from . import images, survey
 from .config import Config
+from .dnsserver import DnsServer
 from .keys import (
     base_urls_key,
     config_key,
     csp_key,
+    dns_key,
     reader_key,
     secret_key,
     templates_key,
+    verifier_key,
     worker_sites_key,
     writer_key,
 )
 from .store import NotStored, Overloaded, Row, Writer, open_database, open_reader
-from .tokens import looks_like_token, new_token, verify_token
+from .tokens import TokenVerifier, looks_like_token, new_token
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Probe:
     """What a handler learnt about its request, for the request log."""
 
+    addr: str
+    port: int
     kind: str = "unknown"
     token: str | None = None
     token_ok: bool = False
@@ -145,7 +150,7 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
         return _bad_request(request, str(e))
     token = new_token(request.app[secret_key])
     red, blue = survey.draw_counts(config.survey.min_balls, config.survey.max_balls)
-    address, port = peer(request)
+    address = probe.addr
     probe.token, probe.token_ok, probe.durable = token, True, True
     probe.rows.append(
         (
@@ -154,7 +159,7 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
                 token,
                 time.time(),
                 address,
-                port,
+                probe.port,
                 request.headers.get("User-Agent", "")[:MAX_LOGGED_AGENT],
                 red,
                 blue,
@@ -187,7 +192,7 @@ async def _ball(request: web.Request, kind: str, body: bytes) -> web.StreamRespo
     ball = request.match_info["ball"]
     if looks_like_token(token):
         probe.token = token
-        probe.token_ok = verify_token(request.app[secret_key], token)
+        probe.token_ok = request.app[verifier_key](token)
     if ball.isdigit() and len(ball) <= 2:
         probe.ball = int(ball)
     # A forged or unknown token still gets its image, so the page never
@@ -217,7 +222,7 @@ async def submit(request: web.Request) -> web.StreamResponse:
     token = fields.get("token", "")
     if looks_like_token(token):
         probe.token = token
-        probe.token_ok = verify_token(request.app[secret_key], token)
+        probe.token_ok = request.app[verifier_key](token)
     if not probe.token_ok:
         return _bad_request(request, "this survey session is not valid; please reload the page")
     try:
@@ -236,12 +241,11 @@ async def submit(request: web.Request) -> web.StreamResponse:
         return _bad_request(
             request, "this is a preview of the HIT: accept the HIT on MTurk, then answer"
         )
-    address, _ = peer(request)
     probe.durable = True
     probe.rows.append(
         (
             INSERT_ANSWER,
-            (token, time.time(), address, answer.red, answer.blue, answer.red == red_count),
+            (token, time.time(), probe.addr, answer.red, answer.blue, answer.red == red_count),
         )
     )
     # The record middleware answers only once the answer row is committed:
@@ -268,14 +272,13 @@ async def submit(request: web.Request) -> web.StreamResponse:
 
 
 def _request_row(request: web.Request, site: str, probe: Probe, status: int, size: int) -> Row:
-    address, port = peer(request)
     return (
         INSERT_REQUEST,
         (
             time.time(),
             site,
-            address,
-            port,
+            probe.addr,
+            probe.port,
             request.method[:16],
             request.raw_path[:MAX_LOGGED_PATH],
             probe.kind,
@@ -300,7 +303,7 @@ def _unavailable(reason: str) -> web.Response:
 async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Route by socket family, log the request, hold probes until stored."""
     site = site_of(request)
-    probe = request[probe_key] = Probe()
+    probe = request[probe_key] = Probe(*peer(request))
     allowed = getattr(request.match_info.handler, "sites", None)
     try:
         if allowed is not None and site not in allowed:
@@ -316,7 +319,7 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     # successful probes turn into 503 when the row cannot be stored: they are
     # the measurement, and a 200 must mean that it was kept.
     try:
-        await request.app[writer_key].write(rows, request.app[config_key].server.commit_timeout)
+        await request.app[writer_key].write(rows)
     except Overloaded:
         if probe.durable and response.status < 400:
             return _unavailable("overloaded")
@@ -336,7 +339,10 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     path = config.resolve(config.database.path)
     conn = await open_database(path, config.database.synchronous)
     writer = Writer(
-        conn, queue_limit=config.database.queue_limit, batch_max=config.database.batch_max
+        conn,
+        queue_limit=config.database.queue_limit,
+        batch_max=config.database.batch_max,
+        commit_timeout=config.server.commit_timeout,
     )
     writer.start()
     reader = await open_reader(path)
@@ -357,8 +363,27 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         )
 
 
-def create_app(config: Config, secret: bytes, base_urls: dict[str, str]) -> web.Application:
-    """The public application; the same app serves both sites' sockets."""
+async def _dns(app: web.Application) -> AsyncIterator[None]:
+    """The DNS listeners: started after the writer they log to, stopped before it."""
+    config = app[config_key]
+    dns = app[dns_key]
+    # Query rows may fill at most half the write queue; the rest is the probes'.
+    await dns.start(app[writer_key], log_limit=config.database.queue_limit // 2)
+    log.info("event=dns_started zones=%d", len(dns.responder.authority.zones))
+    try:
+        yield
+    finally:
+        await dns.stop()
+
+
+def create_app(
+    config: Config, secret: bytes, base_urls: dict[str, str], dns: DnsServer | None = None
+) -> web.Application:
+    """The public application; the same app serves both sites' sockets.
+
+    ``dns``, when given, is started and stopped with the application, after
+    the database writer it logs to.
+    """
     app = web.Application(middlewares=[record], client_max_size=config.server.max_body)
     app[config_key] = config
     app[base_urls_key] = base_urls
@@ -371,12 +396,16 @@ def create_app(config: Config, secret: bytes, base_urls: dict[str, str]) -> web.
             ",".join(config.mturk.rehearsal_worker_sites),
         )
     app[secret_key] = secret
+    app[verifier_key] = TokenVerifier(secret)
     app[templates_key] = jinja2.Environment(
         loader=jinja2.PackageLoader("probe_server", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
     app.cleanup_ctx.append(_database)
+    if dns is not None:
+        app[dns_key] = dns
+        app.cleanup_ctx.append(_dns)
     app.router.add_get("/", survey_page)
     app.router.add_post("/submit", submit)
     app.router.add_get(r"/red/{token}/{ball}.png", red_ball)

@@ -66,6 +66,11 @@ async def fake_mturk() -> AsyncIterator[FakeServer]:
 
 
 MakeConfig = Callable[..., Config]
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_ZONES = [
+    str(ROOT / "dns" / "example.org.zone"),
+    str(ROOT / "dns" / "v6ns.example.org.zone"),
+]
 
 
 @pytest.fixture
@@ -77,6 +82,14 @@ def make_config(tmp_path: Path) -> MakeConfig:
             "server": {"secret_file": str(tmp_path / "probe.secret")},
             "sites": {"ipv4": {"listen": "127.0.0.1:0"}, "ipv6": {"listen": "[::1]:0"}},
             "database": {"path": str(tmp_path / "probe.db")},
+            # Rate limiting is off unless a test turns it on: tests send
+            # bursts from 127.0.0.1 and ::1, one prefix each.
+            "dns": {
+                "zones": EXAMPLE_ZONES,
+                "listen_ipv4": "127.0.0.1:0",
+                "listen_ipv6": "[::1]:0",
+                "rrl": {"enabled": False},
+            },
         }
         for name, values in sections.items():
             merged = data.setdefault(name, {})
