@@ -9,12 +9,8 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from . import __version__
 from .config import Config, ConfigError, load_config
-from .mturk.experiment import ExperimentError
-from .mturk.requester import RequesterError
 from .server import Listeners, StartupError, endpoint_text, serve
 
 log = logging.getLogger("probe_server")
@@ -116,23 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except StartupError as e:
         print(f"probe-server: cannot start: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    except ExperimentError as e:
-        print(f"probe-server: experiment file error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except RequesterError as e:
-        print(f"probe-server: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    except ClientError as e:
-        error = e.response.get("Error", {})
-        print(
-            f"probe-server: MTurk refused: {error.get('Code', '?')}: {error.get('Message', e)}",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
-    except BotoCoreError as e:
-        # e.g. no credentials found, endpoint unreachable; never the credentials.
-        print(f"probe-server: cannot reach MTurk: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

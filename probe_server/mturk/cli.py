@@ -8,17 +8,21 @@ scripts say ``--yes``. Nothing here prints credentials.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import fees
-from .experiment import Experiment, load_experiment
-from .requester import Plan, Requester, RequesterError, Target, open_requester
+from .experiment import Experiment, ExperimentError, load_experiment
+from .target import RequesterError, Target
 
-EXIT_OK, EXIT_FAILURE, EXIT_NOT_CONFIRMED = 0, 1, 3
+if TYPE_CHECKING:
+    from .requester import Plan, Requester
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_CONFIRMED = 0, 1, 2, 3
 DEFAULT_FAKE_LISTEN = "127.0.0.1:8765"
 
 
@@ -52,8 +56,44 @@ def _describe_target(target: Target) -> str:
     return where
 
 
+Command = Callable[[argparse.Namespace], int]
+
+
+def handled(command: Command) -> Command:
+    """Turn the workflow's errors into one line on stderr and an exit status.
+
+    botocore is imported only here, when a command runs: ``probe-server
+    serve`` never loads the AWS SDK.
+    """
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return command(args)
+        except ExperimentError as e:
+            print(f"probe-server: experiment file error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except RequesterError as e:
+            print(f"probe-server: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        except ClientError as e:
+            error = e.response.get("Error", {})
+            code, message = error.get("Code", "?"), error.get("Message", e)
+            print(f"probe-server: MTurk refused: {code}: {message}", file=sys.stderr)
+            return EXIT_FAILURE
+        except BotoCoreError as e:
+            # e.g. no credentials found, endpoint unreachable; never the credentials.
+            print(f"probe-server: cannot reach MTurk: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+
+    return run
+
+
 def _run(args: argparse.Namespace, body: Callable[[Requester], Any]) -> int:
     from ..cli import run_async
+    from .requester import open_requester
 
     experiment = load_experiment(args.experiment)
     target = _target(args)
@@ -101,6 +141,7 @@ def print_plan(plan: Plan, target: Target) -> None:
     )
 
 
+@handled
 def cmd_publish(args: argparse.Namespace) -> int:
     async def body(requester: Requester) -> int:
         target = requester.target
@@ -169,6 +210,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 # -- the other hits commands -----------------------------------------------------------
 
 
+@handled
 def cmd_status(args: argparse.Namespace) -> int:
     async def body(requester: Requester) -> int:
         statuses = await requester.status(args.batch)
@@ -183,6 +225,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _run(args, body)
 
 
+@handled
 def cmd_sync(args: argparse.Namespace) -> int:
     async def body(requester: Requester) -> int:
         report = await requester.sync()
@@ -196,6 +239,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return _run(args, body)
 
 
+@handled
 def cmd_review(args: argparse.Namespace) -> int:
     async def body(requester: Requester) -> int:
         decisions = await requester.review(approve_all=args.approve_all, dry_run=args.dry_run)
@@ -222,6 +266,7 @@ def cmd_review(args: argparse.Namespace) -> int:
     return _run(args, body)
 
 
+@handled
 def cmd_expire(args: argparse.Namespace) -> int:
     async def body(requester: Requester) -> int:
         expired = await requester.expire(args.batch)
@@ -234,6 +279,7 @@ def cmd_expire(args: argparse.Namespace) -> int:
     return _run(args, body)
 
 
+@handled
 def cmd_balance(args: argparse.Namespace) -> int:
     from ..cli import run_async
     from .requester import account_balance, mturk_client
@@ -250,6 +296,7 @@ def cmd_balance(args: argparse.Namespace) -> int:
     return run_async(go())
 
 
+@handled
 def cmd_fake(args: argparse.Namespace) -> int:
     from ..cli import run_async
     from ..config import parse_endpoint

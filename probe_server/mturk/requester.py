@@ -35,12 +35,10 @@ from ..store import open_database
 from . import fees
 from .experiment import Batch, Experiment
 from .questions import BadXML, external_question, parse_answers
+from .target import REGION, RequesterError, Target
 
 log = logging.getLogger(__name__)
 
-REGION = "us-east-1"  # MTurk's only region
-LIVE_ENDPOINT = "https://mturk-requester.us-east-1.amazonaws.com"
-SANDBOX_ENDPOINT = "https://mturk-requester-sandbox.us-east-1.amazonaws.com"
 WORKER_PREVIEW = {
     True: "https://workersandbox.mturk.com/mturk/preview?groupId=",
     False: "https://worker.mturk.com/mturk/preview?groupId=",
@@ -53,31 +51,6 @@ LONG_AGO = datetime(2015, 1, 1, tzinfo=UTC)
 LISTED_STATUSES = ["Submitted", "Approved", "Rejected"]
 HIT_ID = re.compile(r"\b(?=[A-Z0-9]*[A-Z])[A-Z0-9]{20,64}\b")
 MAX_FEEDBACK = 1024
-
-
-class RequesterError(Exception):
-    """A workflow step cannot go on; the message is one line for the researcher."""
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """Which MTurk: the sandbox unless ``live``; ``endpoint_url`` for a fake."""
-
-    live: bool = False
-    endpoint_url: str | None = None
-    profile: str | None = None
-
-    @property
-    def sandbox(self) -> bool:
-        return not self.live
-
-    @property
-    def url(self) -> str:
-        return self.endpoint_url or (LIVE_ENDPOINT if self.live else SANDBOX_ENDPOINT)
-
-    @property
-    def label(self) -> str:
-        return "LIVE MTurk" if self.live else "MTurk sandbox"
 
 
 @asynccontextmanager
