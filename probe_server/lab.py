@@ -74,7 +74,12 @@ def default_hosts() -> list[Host]:
         Host("server", f"{SERVER_V4}/24", (f"{SERVER_V6}/64",)),
         Host("v4only", "192.0.2.10/24", (), resolver=SERVER_V4),
         Host("dualstack", "192.0.2.20/24", ("2d00:1::20/64",), resolver=SERVER_V4),
-        Host("sixtofour", "192.0.2.30/24", (sixtofour_address("192.0.2.30") + "/48",), resolver=SERVER_V4),
+        Host(
+            "sixtofour",
+            "192.0.2.30/24",
+            (sixtofour_address("192.0.2.30") + "/48",),
+            resolver=SERVER_V4,
+        ),
         Host(
             "teredo",
             "192.0.2.40/24",
@@ -112,10 +117,12 @@ def sweep_stale() -> None:
     """Remove namespaces left by labs whose process no longer exists."""
     for name in _live_namespaces():
         parts = name.split("-")
-        if len(parts) >= 3 and parts[0] == PREFIX and parts[1].isdigit():
-            if not Path(f"/proc/{parts[1]}").exists():
-                _run(["ip", "netns", "del", name], check=False)
-                shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+        owner_gone = (
+            len(parts) >= 3 and parts[1].isdigit() and not Path(f"/proc/{parts[1]}").exists()
+        )
+        if parts[0] == PREFIX and owner_gone:
+            _run(["ip", "netns", "del", name], check=False)
+            shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
 
 
 class Lab:
@@ -157,8 +164,25 @@ class Lab:
         ns, bridge = self.ns(host.role), self.ns("bridge")
         outside, inside = f"ps{index}b", f"ps{index}h"
         # Both ends are created inside the lab's namespaces, never in the host's.
-        _run(["ip", "netns", "exec", bridge, "ip", "link", "add", outside, "type", "veth",
-              "peer", "name", inside, "netns", ns])
+        _run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                bridge,
+                "ip",
+                "link",
+                "add",
+                outside,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                inside,
+                "netns",
+                ns,
+            ]
+        )
         self._ns_run("bridge", "ip", "link", "set", outside, "master", "br0")
         self._ns_run("bridge", "ip", "link", "set", outside, "up")
         self._ns_run(host.role, "ip", "link", "set", inside, "name", "eth0")
@@ -187,7 +211,9 @@ class Lab:
         if host.resolver:
             etc = NETNS_ETC / ns
             etc.mkdir(parents=True, exist_ok=True)
-            (etc / "resolv.conf").write_text(f"nameserver {host.resolver}\noptions timeout:2 attempts:2\n")
+            (etc / "resolv.conf").write_text(
+                f"nameserver {host.resolver}\noptions timeout:2 attempts:2\n"
+            )
 
     def address(self, role: str, family: int) -> str | None:
         """A host's address (no prefix length) of family 4 or 6."""
@@ -199,8 +225,12 @@ class Lab:
         """argv that runs a command inside a host's namespace."""
         return ["ip", "netns", "exec", self.ns(role), *argv]
 
-    def run(self, role: str, argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(role, argv), capture_output=True, text=True, timeout=timeout, check=False)
+    def run(
+        self, role: str, argv: Sequence[str], timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.command(role, argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
 
     def down(self) -> None:
         """Remove every namespace and resolver file of this lab. Idempotent."""
