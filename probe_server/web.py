@@ -180,7 +180,6 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
         visit=visit,
         red_urls=survey.ball_urls(base_urls[IPV4], "red", token, red, address),
         blue_urls=survey.ball_urls(base_urls[IPV6], "blue", token, blue, address),
-        ball_size=images.BALL_SIZE,
     )
 
 
