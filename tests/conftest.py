@@ -1,5 +1,5 @@
 """Shared fixtures: configs on port 0, an in-process server on real sockets,
-a fake MTurk, and a guard that keeps every AWS call off the real service."""
+a fake MTurk, and a guard that keeps every AWS call on loopback."""
 
 from __future__ import annotations
 
@@ -19,33 +19,31 @@ from probe_server.server import ProbeServer
 
 from .rehearsal import Rehearsal, run_rehearsal
 
-# Nothing listens on the discard port of loopback: a request that escaped to
-# a real AWS endpoint would fail here at once instead of leaving the machine.
-DEAD_PROXY = "http://127.0.0.1:9"
+# Nothing listens on the discard port of loopback: an MTurk (or any AWS)
+# client that is not pointed at the fake fails here at once.
+DEAD_ENDPOINT = "http://127.0.0.1:9"
 
 
 @pytest.fixture(autouse=True, scope="session")
 def no_real_aws() -> Iterator[None]:
-    """Dummy credentials only, and no way out to a real AWS endpoint.
+    """Dummy credentials only, and no AWS endpoint but loopback.
 
-    botocore sends every request that is not for loopback through the
-    environment's proxy, which here is a closed loopback port; loopback
-    (the fake MTurk) bypasses it. No credentials, config or instance
-    metadata of the machine are read.
+    AWS's standard endpoint variables send every client that is not given
+    an endpoint_url (the fake's) to a closed loopback port: botocore honours
+    them for any service, probe-server for the MTurk sandbox too. No
+    credentials, config or instance metadata of the machine are read.
     """
     with pytest.MonkeyPatch.context() as patch:
         for name in list(os.environ):
-            if name.startswith("AWS_") or name.lower() in ("http_proxy", "https_proxy", "no_proxy"):
+            if name.startswith("AWS_"):
                 patch.delenv(name)
         patch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTONLYNOTREAL")
         patch.setenv("AWS_SECRET_ACCESS_KEY", "test-only-not-a-real-secret")
         patch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
         patch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
         patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
-            patch.setenv(name, DEAD_PROXY)
-        for name in ("NO_PROXY", "no_proxy"):
-            patch.setenv(name, "127.0.0.1,localhost,::1")
+        patch.setenv("AWS_ENDPOINT_URL", DEAD_ENDPOINT)
+        patch.setenv("AWS_ENDPOINT_URL_MTURK", DEAD_ENDPOINT)
         yield
 
 

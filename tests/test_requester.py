@@ -282,12 +282,25 @@ async def test_credentials_are_never_printed_or_logged(tmp_path, fake_mturk, mon
 
 
 async def test_tests_cannot_reach_a_real_endpoint():
-    """The default sandbox endpoint is real AWS: conftest's guard stops it here."""
-    target = Target()
-    assert target.url == "https://mturk-requester-sandbox.us-east-1.amazonaws.com"
-    async with mturk_client(target, attempts=1) as client:
-        with pytest.raises(BotoCoreError, match=r"127\.0\.0\.1:9"):
-            await account_balance(client)
+    """conftest points AWS's endpoint variables at a closed loopback port."""
+    for target in (Target(), Target(live=True)):
+        assert target.url == "http://127.0.0.1:9" and target.custom
+        async with mturk_client(target, attempts=1) as client:
+            with pytest.raises(BotoCoreError, match=r"127\.0\.0\.1:9"):
+                await account_balance(client)
+
+
+def test_default_endpoints(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_MTURK")
+    assert Target().url == "https://mturk-requester-sandbox.us-east-1.amazonaws.com"
+    assert Target(live=True).url == "https://mturk-requester.us-east-1.amazonaws.com"
+    assert not Target().custom
+    assert Target(endpoint_url="http://127.0.0.1:1").url == "http://127.0.0.1:1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_MTURK", "http://127.0.0.1:2")
+    assert Target(live=True).url == "http://127.0.0.1:2"
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
+    assert Target(live=True).url == "https://mturk-requester.us-east-1.amazonaws.com"
 
 
 async def test_balance_command(fake_mturk):

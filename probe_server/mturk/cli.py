@@ -51,8 +51,8 @@ def _target(args: argparse.Namespace) -> Target:
 
 def _describe_target(target: Target) -> str:
     where = target.label
-    if target.endpoint_url:
-        where += f" at {target.endpoint_url}"
+    if target.custom:
+        where += f" at {target.url}"
     return where
 
 

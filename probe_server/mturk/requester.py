@@ -594,7 +594,7 @@ class Requester:
 
     def preview_url(self, hit_group_id: str) -> str | None:
         """Where a worker sees the HITs (None for a fake endpoint)."""
-        if self.target.endpoint_url is not None:
+        if self.target.custom:
             return None
         return WORKER_PREVIEW[self.target.sandbox] + hit_group_id
 
