@@ -18,12 +18,19 @@ log = logging.getLogger("probe_server")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
+# botocore logs each request's headers at DEBUG, the access key id among
+# them: these loggers never go below WARNING, whatever --log-level says.
+QUIET_LOGGERS = ("botocore", "aiobotocore", "aioboto3", "boto3", "urllib3")
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=level,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_async(coroutine: Coroutine[Any, Any, int]) -> int:
@@ -72,12 +79,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .mturk import cli as mturk_cli
+
     parser = argparse.ArgumentParser(
         prog="probe-server", description="Crowdsourced IPv4/IPv6 measurement server."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default: INFO for serve and fake-mturk, WARNING for hits (its output is for people)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -86,13 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_parser.add_argument("--config", metavar="FILE", help="TOML config file")
     serve_parser.set_defaults(func=cmd_serve)
+    mturk_cli.add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level or getattr(args, "default_log_level", "INFO"))
     try:
         result: int = args.func(args)
     except ConfigError as e:

@@ -21,3 +21,7 @@ templates_key = web.AppKey("templates", jinja2.Environment)
 base_urls_key = web.AppKey("base_urls", dict[str, str])
 # The DNS listeners, when DNS is enabled.
 dns_key = web.AppKey("dns", DnsServer)
+# Origins accepted as turkSubmitTo: MTurk's worker sites and any rehearsal sites.
+worker_sites_key = web.AppKey("worker_sites", tuple[str, ...])
+# The Content-Security-Policy of every page (framing and form targets).
+csp_key = web.AppKey("csp", str)
