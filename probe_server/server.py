@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -21,6 +22,7 @@ from aiohttp import web
 from .config import Config, SiteConfig, parse_endpoint
 from .dnsserver import DnsServer
 from .dnswire import Responder
+from .limits import ConnectionTable, GuardedSite
 from .tokens import load_or_create_secret
 from .web import IPV4, IPV6, create_app
 from .zone import Authority, ZoneError
@@ -82,12 +84,14 @@ def sd_notify(message: str) -> None:
         return
     if target.startswith("@"):
         target = "\0" + target[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
+    # Creating the socket can fail too (no file descriptor left): a failed
+    # notification is logged, never raised into start-up or shutdown.
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.connect(target)
             sock.sendall(message.encode())
-        except OSError as e:
-            log.warning("event=notify_failed error=%r", str(e))
+    except OSError as e:
+        log.warning("event=notify_failed error=%r", str(e))
 
 
 @dataclass
@@ -138,6 +142,45 @@ def bind_all(config: Config) -> Listeners:
     return listeners
 
 
+# File descriptors kept apart from the connection limits: listening sockets,
+# the database and its WAL and shm files, the reader, refusals in progress,
+# logs, notifications.
+FD_RESERVE = 256
+
+
+def file_limit_needed(config: Config) -> int:
+    """Open files the connection limits can use up, and the reserve."""
+    needed = 2 * config.http.max_connections + FD_RESERVE
+    if config.dns.enabled:
+        needed += config.dns.tcp_max_connections
+    return needed
+
+
+def ensure_file_limit(config: Config) -> int:
+    """Raise the open-file limit to its hard limit; fail if that is too low.
+
+    Without this a flood of connections would use up the descriptors before
+    any connection limit is reached, and then accept() fails for everyone.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as e:
+            log.warning("event=file_limit_not_raised soft=%d hard=%d error=%r", soft, hard, str(e))
+    needed = file_limit_needed(config)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        dns = config.dns.tcp_max_connections if config.dns.enabled else 0
+        raise StartupError(
+            f"http.max_connections: 2 x {config.http.max_connections} connections"
+            f" + dns.tcp_max_connections {dns} + {FD_RESERVE} need {needed} open files,"
+            f" but the limit is {soft}"
+            " (raise LimitNOFILE= or ulimit -n, or lower these limits)"
+        )
+    return int(soft)
+
+
 def load_authority(config: Config) -> Authority:
     """Read every zone file named in the config, before anything binds."""
     try:
@@ -156,6 +199,8 @@ class ProbeServer:
         self._runner: web.AppRunner | None = None
         self.app: web.Application | None = None
         self.dns: DnsServer | None = None
+        # Each web site's connections (tests; metrics).
+        self.connections: dict[str, ConnectionTable] = {}
 
     async def start(self) -> Listeners:
         """Bind every socket, open the database, start serving.
@@ -172,6 +217,7 @@ class ProbeServer:
             IPV6: tls_context(config, config.sites.ipv6),
         }
         authority = load_authority(config) if config.dns.enabled else None
+        ensure_file_limit(config)
         listeners = bind_all(config)
         base_urls = {
             IPV4: config.sites.ipv4.base_url or site_url(listeners.http[IPV4], contexts[IPV4]),
@@ -191,6 +237,10 @@ class ProbeServer:
             access_log=None,
             handle_signals=False,
             shutdown_timeout=config.server.shutdown_timeout,
+            # aiohttp closes a connection still waiting for a complete request
+            # head this long after it opened or after its previous response,
+            # however much has trickled in: the slowloris deadline.
+            keepalive_timeout=config.http.header_timeout,
         )
         try:
             await runner.setup()
@@ -200,8 +250,19 @@ class ProbeServer:
         self._runner = runner
         self.listeners = listeners
         try:
+            limits = config.http
             for name, sock in listeners.http.items():
-                await web.SockSite(runner, sock, ssl_context=contexts[name]).start()
+                table = self.connections[name] = ConnectionTable(
+                    f"http_{name}", limits.max_connections, limits.max_connections_per_client
+                )
+                site = GuardedSite(
+                    runner,
+                    sock,
+                    table,
+                    send_timeout=limits.send_timeout,
+                    ssl_context=contexts[name],
+                )
+                await site.start()
         except BaseException:
             await self.stop()
             raise

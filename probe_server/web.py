@@ -12,6 +12,7 @@ committed (a 200 means "stored").
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -37,6 +38,7 @@ from .keys import (
     worker_sites_key,
     writer_key,
 )
+from .limits import track_requests
 from .store import NotStored, Overloaded, Row, Writer, open_database, open_reader
 from .tokens import TokenVerifier, looks_like_token, new_token
 
@@ -214,9 +216,13 @@ async def submit(request: web.Request) -> web.StreamResponse:
     probe = request[probe_key]
     probe.kind = "submit"
     try:
-        form = await request.post()
+        # A client may send its body as slowly as it likes: not for ever.
+        async with asyncio.timeout(request.app[config_key].http.body_timeout):
+            form = await request.post()
     except (ValueError, UnicodeDecodeError):
         return _bad_request(request, "the form could not be read")
+    except TimeoutError:
+        return _page(request, "error.html", status=408, message="the form took too long to arrive")
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     token = fields.get("token", "")
     if looks_like_token(token):
@@ -383,7 +389,12 @@ def create_app(
     ``dns``, when given, is started and stopped with the application, after
     the database writer it logs to.
     """
-    app = web.Application(middlewares=[record], client_max_size=config.server.max_body)
+    app = web.Application(
+        # track_requests first: a connection is busy (not evictable) for the
+        # whole of its request, the wait for its row included.
+        middlewares=[track_requests, record],
+        client_max_size=config.server.max_body,
+    )
     app[config_key] = config
     app[base_urls_key] = base_urls
     worker_sites = (*survey.MTURK_WORKER_SITES, *config.mturk.rehearsal_worker_sites)
