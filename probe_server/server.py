@@ -274,6 +274,18 @@ class ProbeServer:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+            for name, table in self.connections.items():
+                stats = table.stats
+                log.info(
+                    "event=http_connections site=%s admitted=%d peak=%d evicted=%d refused=%d"
+                    " send_timeouts=%d",
+                    name,
+                    stats.admitted,
+                    stats.peak,
+                    stats.evicted,
+                    stats.refused,
+                    stats.send_timeouts,
+                )
         if self.listeners is not None:
             self.listeners.close()
 
