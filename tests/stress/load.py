@@ -64,7 +64,9 @@ class RawHttp:
                 length = int(value)
             elif name == "connection" and "close" in value.lower():
                 self.reusable = False
-        if length is None:
+        if method == "HEAD" or status in (204, 304):
+            data = b""
+        elif length is None:
             data = await self.reader.read()
             self.reusable = False
         else:
