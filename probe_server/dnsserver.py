@@ -26,7 +26,7 @@ from typing import Any, cast
 
 from .config import DnsConfig, RateLimitConfig
 from .dnswire import Outcome, Responder
-from .limits import ConnectionTable, client_key
+from .limits import ConnectionTable, client_key, unread_bytes
 from .store import Overloaded, Row, Writer
 from .survey import canonical_address
 
@@ -367,6 +367,9 @@ class _TcpProtocol(asyncio.Protocol):
         if answered and self.transport is not None:
             self.last_active = asyncio.get_running_loop().time()
             self.server.tcp_table.idle(self)
+
+    def unread(self) -> bool:
+        return unread_bytes(self.transport) > 0
 
     def evict(self) -> None:
         """Close to make room for a new connection (the table is full)."""

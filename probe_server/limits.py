@@ -9,8 +9,9 @@ process runs out of them accept() fails for everyone, DNS over TCP included.
 :class:`ConnectionTable` keeps the open connections of one listener, grouped
 by client (an IPv4 address, or an IPv6 /64: one subscriber). When a new
 connection would pass a limit, the listener's or its client's, the
-connection of that group that has been idle longest is closed to make room;
-only when every one of them is busy with a request is the newcomer refused.
+connection of that group that has been idle longest is closed to make room,
+provided it has been idle for a second at least; otherwise (every one busy
+with a request, or just opened) the newcomer is refused.
 A slow client holds idle connections only, so it cannot keep anyone out: new
 arrivals push the oldest idle connections out, and a client over its own
 limit pushes out only its own. This is how RFC 7766 §6.2.3 suggests a DNS
@@ -30,11 +31,16 @@ arrived.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import ipaddress
+import itertools
 import logging
 import socket
 import ssl
+import struct
+import termios
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,6 +49,17 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 
+# Only a connection idle this long may be evicted: one just accepted may not
+# have received its request yet (with TLS 1.2, a round trip after the
+# handshake; with plain TCP and TLS 1.3 it comes at once). Nor is one evicted
+# whose request has arrived but not been read, as happens when the loop is
+# behind under overload: that would throw away work already paid for, where
+# refusing the newcomer costs little. Longer would let a flood of new
+# connections starve everyone: at most max_connections / EVICT_AFTER
+# connections a second can take a turn.
+EVICT_AFTER = 0.1
+# Idle connections looked at for one eviction before giving up.
+EVICT_CANDIDATES = 16
 # Connections refused and not yet closed (waiting for the client to read the
 # 503 and hang up); beyond this a refusal is an immediate close.
 MAX_LINGERING = 256
@@ -77,6 +94,21 @@ class Evictable(Protocol):
     def evict(self) -> None:
         """Close the connection now: the table needs its place."""
 
+    def unread(self) -> bool:
+        """Bytes have arrived that the connection has not read yet."""
+
+
+def unread_bytes(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes waiting in the kernel's receive buffer of ``transport``'s socket."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int(struct.unpack("i", raw)[0])
+
 
 @dataclass
 class LimitStats:
@@ -98,15 +130,22 @@ class _Group:
 
     def __init__(self) -> None:
         self.count = 0
-        # Insertion order is idle-since order: the first is the idle longest.
-        self.idle: dict[Evictable, None] = {}
+        # Connection -> idle since; insertion order: the first is the idle longest.
+        self.idle: dict[Evictable, float] = {}
 
 
 class ConnectionTable:
     """The open connections of one listener, by client, with their limits."""
 
-    def __init__(self, name: str, max_connections: int, max_per_client: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        max_connections: int,
+        max_per_client: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.name = name
+        self.clock = clock
         self.max_connections = max_connections
         self.max_per_client = max_per_client
         self.stats = LimitStats()
@@ -137,15 +176,24 @@ class ConnectionTable:
         if group is None:
             group = self._clients[client] = _Group()
         self._client_of[connection] = client
+        now = self.clock()
         for g in (self._all, group):
             g.count += 1
-            g.idle[connection] = None
+            g.idle[connection] = now
         self.stats.admitted += 1
         self.stats.peak = max(self.stats.peak, self._all.count)
         return True
 
     def _evict_oldest(self, group: _Group, client: str) -> bool:
-        if not group.idle:
+        victim = None
+        now = self.clock()
+        for candidate, since in itertools.islice(group.idle.items(), EVICT_CANDIDATES):
+            if now - since < EVICT_AFTER:
+                break  # the rest are younger still
+            if not candidate.unread():
+                victim = candidate
+                break
+        if victim is None:
             self.stats.refused += 1
             if self.stats.refused <= 10 or self.stats.refused % 1000 == 0:
                 log.warning(
@@ -156,7 +204,6 @@ class ConnectionTable:
                     self.stats.refused,
                 )
             return False
-        victim = next(iter(group.idle))
         self.release(victim)
         self.stats.evicted += 1
         if self.stats.evicted <= 10 or self.stats.evicted % 1000 == 0:
@@ -174,9 +221,10 @@ class ConnectionTable:
         client = self._client_of.get(connection)
         if client is None:
             return
+        now = self.clock()
         for g in (self._all, self._clients[client]):
             g.idle.pop(connection, None)
-            g.idle[connection] = None
+            g.idle[connection] = now
 
     def busy(self, connection: Evictable) -> None:
         """``connection`` is handling a request: it is not to be evicted."""
@@ -222,6 +270,7 @@ class GuardedConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._lingering = False
+        self._tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -250,8 +299,17 @@ class GuardedConnection(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.abort)
 
     def data_received(self, data: bytes) -> None:
-        if self.inner is not None:
-            self.inner.data_received(data)
+        if self.inner is None:
+            return
+        # A complete request head has arrived: busy from now, not from when
+        # its handler starts a loop turn or two later (track_requests).
+        if b"\r\n\r\n" in self._tail + data[:3] or b"\r\n\r\n" in data:
+            self.table.busy(self)
+        self._tail = data[-3:]
+        self.inner.data_received(data)
+
+    def unread(self) -> bool:
+        return unread_bytes(self.transport) > 0
 
     def eof_received(self) -> bool | None:
         if self.inner is not None:

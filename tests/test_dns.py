@@ -304,7 +304,15 @@ async def test_tcp_idle_connection_is_closed(make_config):
         await server.stop()
 
 
-async def test_tcp_connection_cap_evicts_the_connection_idle_longest(make_config):
+@pytest.fixture
+def evict_at_once(monkeypatch):
+    """Connections may be evicted as soon as they are idle (not after a second)."""
+    from probe_server import limits
+
+    monkeypatch.setattr(limits, "EVICT_AFTER", 0.0)
+
+
+async def test_tcp_connection_cap_evicts_the_connection_idle_longest(make_config, evict_at_once):
     server = ProbeServer(make_config(dns={"tcp_max_connections": 2}))
     await server.start()
     try:
@@ -324,7 +332,7 @@ async def test_tcp_connection_cap_evicts_the_connection_idle_longest(make_config
         await server.stop()
 
 
-async def test_tcp_connections_per_client_make_room_among_their_own(make_config):
+async def test_tcp_connections_per_client_make_room_among_their_own(make_config, evict_at_once):
     server = ProbeServer(
         make_config(dns={"tcp_max_connections": 100, "tcp_max_connections_per_client": 2})
     )

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
+from probe_server import limits
 from probe_server.limits import (
+    EVICT_AFTER,
     REFUSAL,
     ConnectionTable,
     GuardedConnection,
@@ -25,9 +27,13 @@ class Conn:
     def __init__(self, name: str) -> None:
         self.name = name
         self.evicted = False
+        self.waiting = False
 
     def evict(self) -> None:
         self.evicted = True
+
+    def unread(self) -> bool:
+        return self.waiting
 
     def __repr__(self) -> str:
         return self.name
@@ -45,12 +51,23 @@ def test_client_key_groups_an_ipv6_64_and_unmaps_ipv4():
     assert client_key("fe80::1%eth0") == "fe80::/64"
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_full_table_evicts_the_connection_idle_longest():
-    table = ConnectionTable("t", max_connections=3, max_per_client=10)
+    clock = Clock()
+    table = ConnectionTable("t", max_connections=3, max_per_client=10, clock=clock)
     a, b, c, d = (Conn(n) for n in "abcd")
     for conn, client in ((a, "x"), (b, "y"), (c, "z")):
         assert table.admit(conn, client)
+    clock.now += 0.5
     table.idle(a)  # a did something: b is now the one idle longest
+    clock.now += EVICT_AFTER
     assert table.admit(d, "w")
     assert b.evicted and not (a.evicted or c.evicted)
     assert len(table) == 3 and table.stats.evicted == 1
@@ -58,26 +75,57 @@ def test_full_table_evicts_the_connection_idle_longest():
     assert len(table) == 3
 
 
+def test_connections_just_opened_are_not_evicted_the_newcomer_is_refused():
+    # Under overload a new connection's request may wait unread: evicting it
+    # would throw that work away.
+    clock = Clock()
+    table = ConnectionTable("t", max_connections=1, max_per_client=10, clock=clock)
+    a, b = Conn("a"), Conn("b")
+    table.admit(a, "x")
+    clock.now += EVICT_AFTER / 2
+    assert not table.admit(b, "y")
+    assert not a.evicted and table.stats.refused == 1
+    clock.now += EVICT_AFTER
+    assert table.admit(b, "y") and a.evicted
+
+
+def test_a_connection_with_an_unread_request_is_not_evicted():
+    clock = Clock()
+    table = ConnectionTable("t", max_connections=2, max_per_client=10, clock=clock)
+    a, b, c = Conn("a"), Conn("b"), Conn("c")
+    table.admit(a, "x")
+    table.admit(b, "y")
+    clock.now += EVICT_AFTER
+    a.waiting = True  # its request is in the kernel, not read yet
+    assert table.admit(c, "z")
+    assert b.evicted and not a.evicted
+
+
 def test_busy_connections_are_never_evicted_and_then_newcomers_are_refused():
-    table = ConnectionTable("t", max_connections=2, max_per_client=10)
+    clock = Clock()
+    table = ConnectionTable("t", max_connections=2, max_per_client=10, clock=clock)
     a, b, c = Conn("a"), Conn("b"), Conn("c")
     table.admit(a, "x")
     table.admit(b, "y")
     table.busy(a)
     table.busy(b)
+    clock.now += 10 * EVICT_AFTER
     assert not table.admit(c, "z")
     assert table.stats.refused == 1 and not (a.evicted or b.evicted)
     table.idle(b)
+    clock.now += EVICT_AFTER
     assert table.admit(c, "z") and b.evicted
 
 
 def test_a_client_over_its_limit_makes_room_among_its_own():
-    table = ConnectionTable("t", max_connections=100, max_per_client=2)
+    clock = Clock()
+    table = ConnectionTable("t", max_connections=100, max_per_client=2, clock=clock)
     mine = [Conn(f"m{i}") for i in range(3)]
     other = Conn("o")
     table.admit(other, "other")
     table.admit(mine[0], "me")
     table.admit(mine[1], "me")
+    clock.now += EVICT_AFTER
     assert table.admit(mine[2], "me")
     assert mine[0].evicted and not other.evicted
     table.busy(mine[1])
@@ -263,7 +311,8 @@ async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 10) ->
 
 
 @pytest.fixture
-async def limited(make_config):
+async def limited(make_config, monkeypatch):
+    monkeypatch.setattr(limits, "EVICT_AFTER", 0.0)  # no waiting for connections to age
     server = ProbeServer(
         make_config(
             http={

@@ -43,6 +43,7 @@ async def slowloris(endpoint: str, source: str | None, stop: asyncio.Event, seen
             seen["reset"] += 1
         finally:
             writer.close()
+        await asyncio.sleep(1.0)  # pacing: a dropped connection is made again a second later
 
 
 async def idle_dns(endpoint: str, source: str, stop: asyncio.Event, seen: Counter) -> None:
@@ -68,6 +69,7 @@ async def idle_dns(endpoint: str, source: str, stop: asyncio.Event, seen: Counte
             seen["reset"] += 1
         finally:
             writer.close()
+        await asyncio.sleep(1.0)  # pacing, as above
 
 
 ATTACKS = {"slowloris": slowloris, "idle_dns": idle_dns}

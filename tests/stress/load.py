@@ -23,6 +23,19 @@ class Closed(Exception):
     """The server closed the connection without (a whole) response."""
 
 
+class _Eager(asyncio.StreamReaderProtocol):
+    def __init__(
+        self, first: bytes, reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        super().__init__(reader, loop=loop)
+        self._first = first
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._first:
+            transport.write(self._first)  # type: ignore[attr-defined]
+
+
 class RawHttp:
     """One keep-alive connection; requests one after another."""
 
@@ -30,23 +43,40 @@ class RawHttp:
         self.reader = reader
         self.writer = writer
         self.reusable = True
+        self.used = 0  # requests answered on this connection
 
     @classmethod
-    async def open(cls, endpoint: str, source: str | None = None) -> RawHttp:
+    async def open(cls, endpoint: str, source: str | None = None, first: bytes = b"") -> RawHttp:
+        """A connection; ``first`` is sent the moment it is made, as a browser
+        sends its request, not a loop turn later (a busy generator would then
+        look like a slow client to the server)."""
         host, _, port = endpoint.rpartition(":")
         host = host.strip("[]")
         local = (source, 0) if source else None
-        reader, writer = await asyncio.open_connection(host, int(port), local_addr=local)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**20, loop=loop)
+        transport, protocol = await loop.create_connection(
+            lambda: _Eager(first, reader, loop), host, int(port), local_addr=local
+        )
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         return cls(reader, writer)
+
+    @staticmethod
+    def encode(path: str, method: str = "GET", body: bytes = b"", headers: str = "") -> bytes:
+        head = f"{method} {path} HTTP/1.1\r\nHost: stress\r\n{headers}"
+        if body or method == "POST":
+            head += f"Content-Length: {len(body)}\r\n"
+        return head.encode() + b"\r\n" + body
 
     async def request(
         self, path: str, method: str = "GET", body: bytes = b"", headers: str = ""
     ) -> tuple[int, bytes]:
         """Status and body of one request (raises Closed, OSError)."""
-        head = f"{method} {path} HTTP/1.1\r\nHost: stress\r\n{headers}"
-        if body or method == "POST":
-            head += f"Content-Length: {len(body)}\r\n"
-        self.writer.write(head.encode() + b"\r\n" + body)
+        self.writer.write(self.encode(path, method, body, headers))
+        return await self.response(method)
+
+    async def response(self, method: str = "GET") -> tuple[int, bytes]:
+        """Status and body of the response to the request sent last."""
         line = await self.reader.readline()
         if not line:
             raise Closed("no status line")
@@ -71,6 +101,7 @@ class RawHttp:
             self.reusable = False
         else:
             data = await self.reader.readexactly(length)
+        self.used += 1
         return status, data
 
     def close(self) -> None:
@@ -90,6 +121,9 @@ class LoadResult:
     acknowledged: set[int] = field(default_factory=set)
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    # Requests sent again on a new connection because the server had closed
+    # the idle keep-alive connection they were sent on (RFC 9112 9.3.1).
+    retried: int = 0
 
     @property
     def ok(self) -> int:
@@ -103,8 +137,11 @@ class LoadResult:
 
     def describe(self) -> str:
         codes = ", ".join(f"{code}: {count}" for code, count in sorted(self.statuses.items()))
-        errors = sum(self.errors.values())
-        return f"{codes}; connection errors {errors}"
+        errors = ", ".join(f"{kind} {count}" for kind, count in sorted(self.errors.items()))
+        return (
+            f"{codes}; closed without an answer: {errors or 0};"
+            f" sent again after an idle keep-alive close: {self.retried}"
+        )
 
 
 async def _one(
@@ -120,9 +157,21 @@ async def _one(
     started = loop.time()
     connection = pool.pop() if pool else None
     try:
-        if connection is None:
-            connection = await RawHttp.open(endpoint, source)
-        status, _ = await connection.request(path)
+        try:
+            if connection is None:
+                connection = await RawHttp.open(endpoint, source, RawHttp.encode(path))
+                status, _ = await connection.response()
+            else:
+                status, _ = await connection.request(path)
+        except (Closed, ConnectionError, asyncio.IncompleteReadError):
+            if connection is None or not connection.used:
+                raise
+            # As a browser does: the server closed an idle keep-alive
+            # connection as the request went out; send it again, once.
+            connection.close()
+            result.retried += 1
+            connection = await RawHttp.open(endpoint, source, RawHttp.encode(path))
+            status, _ = await connection.response()
     except (OSError, Closed, asyncio.IncompleteReadError, ValueError, IndexError) as e:
         result.errors[type(e).__name__] += 1
         if connection is not None:
