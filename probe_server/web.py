@@ -22,6 +22,7 @@ from typing import Any
 
 import jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import images, survey
 from .config import Config
@@ -106,6 +107,50 @@ def peer(request: web.Request) -> tuple[str, int]:
     return survey.canonical_address(peername[0]), int(peername[1])
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse at ERROR with a traceback.
+
+    That is the client's fault, not ours, and every scanner on the Internet
+    sends such requests: they become one WARNING line without a traceback,
+    the first ten and then every thousandth (the client still gets its 400).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        self.count += 1
+        if self.count > 10 and self.count % 1000:
+            return False
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = "event=malformed_request count=%d error=%r"
+        record.args = (self.count, " ".join(f"{error.code} {error.message}".split())[:200])
+        record.exc_info = record.exc_text = None
+        return True
+
+
+malformed_requests = _MalformedRequests()
+logging.getLogger("aiohttp.server").addFilter(malformed_requests)
+
+
+def storable(text: str) -> str:
+    """Client text as SQLite can take it: undecodable bytes become U+FFFD.
+
+    aiohttp keeps bytes that are not UTF-8 (a User-Agent with a byte 0xFF, as
+    scanners send) as lone surrogates, which sqlite3 refuses to encode.
+    """
+    if text.isascii():
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _no_store(response: web.StreamResponse) -> web.StreamResponse:
     response.headers["Cache-Control"] = "no-store"
     return response
@@ -162,7 +207,7 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
                 time.time(),
                 address,
                 probe.port,
-                request.headers.get("User-Agent", "")[:MAX_LOGGED_AGENT],
+                storable(request.headers.get("User-Agent", "")[:MAX_LOGGED_AGENT]),
                 red,
                 blue,
                 visit.kind,
@@ -284,15 +329,15 @@ def _request_row(request: web.Request, site: str, probe: Probe, status: int, siz
             site,
             probe.addr,
             probe.port,
-            request.method[:16],
-            request.raw_path[:MAX_LOGGED_PATH],
+            storable(request.method[:16]),
+            storable(request.raw_path[:MAX_LOGGED_PATH]),
             probe.kind,
             probe.token,
             probe.token_ok,
             probe.ball,
             status,
             size,
-            request.headers.get("User-Agent", "")[:MAX_LOGGED_AGENT],
+            storable(request.headers.get("User-Agent", "")[:MAX_LOGGED_AGENT]),
         ),
     )
 

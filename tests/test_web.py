@@ -261,3 +261,36 @@ async def test_concurrent_fetches_share_commits(server, http, db):
     assert writer.stats.rows >= 302
     assert writer.stats.commits < writer.stats.rows / 3, writer.stats
     assert db("SELECT fetches FROM session_ipv6")[0][0] == 300
+
+
+async def raw_request(server: ProbeServer, raw: bytes) -> bytes:
+    host, port = server.listeners.http["ipv4"].getsockname()[:2]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(raw)
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_user_agent_that_is_not_utf8_is_stored_and_stops_nothing(server, http, db):
+    # Found by fuzzing: the first such request stopped the database writer
+    # for good (sqlite3 cannot encode aiohttp's surrogates), and every probe
+    # after it was answered 503.
+    answer = await raw_request(
+        server,
+        b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: scan\xff\xfe\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    await load_survey(http, server)  # and the next one too
+    agents = {r[0] for r in db("SELECT user_agent FROM requests")}
+    assert "scan\ufffd\ufffd" in agents
+    assert db("SELECT user_agent FROM sessions ORDER BY id")[0][0] == "scan\ufffd\ufffd"
+
+
+async def test_malformed_request_is_one_warning_line_not_a_traceback(server, caplog):
+    answer = await raw_request(server, b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 400 ")
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert records and all(r.levelname == "WARNING" and not r.exc_info for r in records)
+    assert "event=malformed_request" in records[0].getMessage()
