@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import images, survey
@@ -318,6 +318,28 @@ async def submit(request: web.Request) -> web.StreamResponse:
     )
 
 
+# -- every path ------------------------------------------------------------------
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPNotFound()
+
+
+async def expect(request: web.Request) -> None:
+    """The Expect header: 100-continue as aiohttp does it, anything else 417.
+
+    aiohttp's own handler echoes an unknown value into its 417, and a byte
+    that is not UTF-8 there makes it fail with a 500 (found by fuzzing).
+    """
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return
+    raise web.HTTPExpectationFailed(text="417: unknown Expect\n")
+
+
 # -- the request log -----------------------------------------------------------
 
 
@@ -461,8 +483,12 @@ def create_app(
     if dns is not None:
         app[dns_key] = dns
         app.cleanup_ctx.append(_dns)
-    app.router.add_get("/", survey_page)
-    app.router.add_post("/submit", submit)
-    app.router.add_get(r"/red/{token}/{ball}.png", red_ball)
-    app.router.add_get(r"/blue/{token}/{ball}.png", blue_ball)
+    app.router.add_get("/", survey_page, expect_handler=expect)
+    app.router.add_post("/submit", submit, expect_handler=expect)
+    app.router.add_get(r"/red/{token}/{ball}.png", red_ball, expect_handler=expect)
+    app.router.add_get(r"/blue/{token}/{ball}.png", blue_ball, expect_handler=expect)
+    # Last: every other path, any method, is ours to answer 404 (routes added
+    # after this one are never reached). aiohttp's own 404 route would use
+    # its default Expect handler.
+    app.router.add_route("*", "/{path:.*}", not_found, expect_handler=expect)
     return app

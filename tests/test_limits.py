@@ -67,7 +67,7 @@ def test_full_table_evicts_the_connection_idle_longest():
         assert table.admit(conn, client)
     clock.now += 0.5
     table.idle(a)  # a did something: b is now the one idle longest
-    clock.now += EVICT_AFTER
+    clock.now += 2 * EVICT_AFTER
     assert table.admit(d, "w")
     assert b.evicted and not (a.evicted or c.evicted)
     assert len(table) == 3 and table.stats.evicted == 1
@@ -85,7 +85,7 @@ def test_connections_just_opened_are_not_evicted_the_newcomer_is_refused():
     clock.now += EVICT_AFTER / 2
     assert not table.admit(b, "y")
     assert not a.evicted and table.stats.refused == 1
-    clock.now += EVICT_AFTER
+    clock.now += 2 * EVICT_AFTER
     assert table.admit(b, "y") and a.evicted
 
 
@@ -95,7 +95,7 @@ def test_a_connection_with_an_unread_request_is_not_evicted():
     a, b, c = Conn("a"), Conn("b"), Conn("c")
     table.admit(a, "x")
     table.admit(b, "y")
-    clock.now += EVICT_AFTER
+    clock.now += 2 * EVICT_AFTER
     a.waiting = True  # its request is in the kernel, not read yet
     assert table.admit(c, "z")
     assert b.evicted and not a.evicted
@@ -113,7 +113,7 @@ def test_busy_connections_are_never_evicted_and_then_newcomers_are_refused():
     assert not table.admit(c, "z")
     assert table.stats.refused == 1 and not (a.evicted or b.evicted)
     table.idle(b)
-    clock.now += EVICT_AFTER
+    clock.now += 2 * EVICT_AFTER
     assert table.admit(c, "z") and b.evicted
 
 
@@ -125,7 +125,7 @@ def test_a_client_over_its_limit_makes_room_among_its_own():
     table.admit(other, "other")
     table.admit(mine[0], "me")
     table.admit(mine[1], "me")
-    clock.now += EVICT_AFTER
+    clock.now += 2 * EVICT_AFTER
     assert table.admit(mine[2], "me")
     assert mine[0].evicted and not other.evicted
     table.busy(mine[1])

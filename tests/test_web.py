@@ -294,3 +294,28 @@ async def test_malformed_request_is_one_warning_line_not_a_traceback(server, cap
     records = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert records and all(r.levelname == "WARNING" and not r.exc_info for r in records)
     assert "event=malformed_request" in records[0].getMessage()
+
+
+@pytest.mark.parametrize("path", ["/", "/red/x/1.png", "/no-such-path"])
+async def test_unknown_expect_with_a_byte_that_is_not_utf8_is_417_not_500(server, path):
+    # Found by fuzzing: aiohttp's own Expect handler echoes the value and
+    # fails to encode it, answering 500.
+    answer = await raw_request(
+        server,
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: ".encode()
+        + b"\x8c\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 417 "), answer[:40]
+
+
+async def test_expect_100_continue_still_works_for_the_answer_form(server, http):
+    page = await load_survey(http, server)
+    body = f"token={page.token}&red={len(page.red)}&blue=1".encode()
+    answer = await raw_request(
+        server,
+        b"POST /submit HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), answer[:60]

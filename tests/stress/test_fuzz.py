@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import re
 import signal
@@ -21,7 +22,7 @@ from urllib.parse import quote
 import dns.asyncquery
 import dns.message
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from probe_server.dnswire import Responder
@@ -235,6 +236,11 @@ def encode_query(pairs: list[tuple[str, str]]) -> str:
     return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs)
 
 
+# Each example costs round trips to a live process: shrinking a failure could
+# take many minutes. PROBE_FUZZ_SHRINK=1 shrinks (to minimise a failure found).
+PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + (
+    [Phase.shrink] if os.environ.get("PROBE_FUZZ_SHRINK") else []
+)
 PAGE = b"GET / HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n\r\n"
 
 
@@ -305,6 +311,7 @@ def blocking_request(
     max_examples=scale(300, 5000),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    phases=PHASES,
 )
 @given(
     method=st.sampled_from(["GET", "POST", "HEAD", "PUT", "OPTIONS", "DELETE", "GETT"]),
