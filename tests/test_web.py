@@ -319,3 +319,17 @@ async def test_expect_100_continue_still_works_for_the_answer_form(server, http)
         + body,
     )
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), answer[:60]
+
+
+async def test_malformed_multipart_form_is_400_not_500(server):
+    # Found by fuzzing: a bad part header raised aiohttp's BadHttpMessage
+    # out of request.post(), answered 500.
+    body = b"--zz\r\nContent-Disposition: form-data; name=\rred\r\n\r\n1\r\n--zz--\r\n"
+    answer = await raw_request(
+        server,
+        b"POST /submit HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: multipart/form-data; boundary=zz\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:40]
