@@ -496,5 +496,6 @@ def create_app(
     # Last: every other path, any method, is ours to answer 404 (routes added
     # after this one are never reached). aiohttp's own 404 route would use
     # its default Expect handler.
-    app.router.add_route("*", "/{path:.*}", not_found, expect_handler=expect)
+    # [\s\S]: a decoded path may hold a newline, which "." does not match.
+    app.router.add_route("*", r"/{path:[\s\S]*}", not_found, expect_handler=expect)
     return app

@@ -296,7 +296,7 @@ async def test_malformed_request_is_one_warning_line_not_a_traceback(server, cap
     assert "event=malformed_request" in records[0].getMessage()
 
 
-@pytest.mark.parametrize("path", ["/", "/red/x/1.png", "/no-such-path"])
+@pytest.mark.parametrize("path", ["/", "/red/x/1.png", "/no-such-path", "/a%0Ab"])
 async def test_unknown_expect_with_a_byte_that_is_not_utf8_is_417_not_500(server, path):
     # Found by fuzzing: aiohttp's own Expect handler echoes the value and
     # fails to encode it, answering 500.
