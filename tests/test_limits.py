@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import socket
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from probe_server.limits import (
     ConnectionTable,
     GuardedConnection,
     client_key,
+    unread_bytes,
 )
 from probe_server.server import ProbeServer, StartupError, ensure_file_limit, file_limit_needed
 
@@ -143,6 +145,33 @@ def test_release_is_idempotent_and_forgets_empty_clients():
     table.busy(a)
     table.idle(a)
     assert len(table) == 0 and table.clients() == 0
+
+
+def test_unread_bytes_counts_what_the_kernel_holds():
+    left, right = socket.socketpair()
+    with left, right:
+
+        class Transport:
+            def get_extra_info(self, name: str, default: Any = None) -> Any:
+                return right if name == "socket" else default
+
+        assert unread_bytes(Transport()) == 0
+        left.sendall(b"GET / HTTP/1.1\r\n")
+        assert unread_bytes(Transport()) == 16
+        right.recv(100)
+        assert unread_bytes(Transport()) == 0
+    assert unread_bytes(None) == 0
+
+
+def test_a_complete_request_head_makes_the_connection_busy_at_once():
+    table = ConnectionTable("t", 10, 10)
+    guard = GuardedConnection(table, Inner, send_timeout=60)
+    guard.connection_made(FakeTransport())
+    guard.data_received(b"GET / HTTP/1.1\r\nHost: x\r")
+    assert guard in table._all.idle  # still arriving: idle (evictable)
+    guard.data_received(b"\n\r\n")  # the blank line, split across reads
+    assert guard not in table._all.idle
+    guard.connection_lost(None)
 
 
 # -- the guard, through a fake transport ------------------------------------------

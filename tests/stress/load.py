@@ -129,6 +129,16 @@ class LoadResult:
     def ok(self) -> int:
         return self.statuses[200]
 
+    def merge(self, other: LoadResult) -> None:
+        self.sent += other.sent
+        self.not_sent += other.not_sent
+        self.statuses.update(other.statuses)
+        self.errors.update(other.errors)
+        self.acknowledged |= other.acknowledged
+        self.latencies += other.latencies
+        self.seconds += other.seconds
+        self.retried += other.retried
+
     def percentile(self, p: float) -> float:
         if not self.latencies:
             return float("nan")
