@@ -268,9 +268,10 @@ async def submit(request: web.Request) -> web.StreamResponse:
         # A client may send its body as slowly as it likes: not for ever.
         async with asyncio.timeout(request.app[config_key].http.body_timeout):
             form = await request.post()
-    except (ValueError, UnicodeDecodeError, HttpProcessingError):
-        # HttpProcessingError: a malformed multipart part (found by fuzzing:
-        # it was a 500).
+    except (ValueError, UnicodeDecodeError, HttpProcessingError, ConnectionError):
+        # HttpProcessingError: a malformed multipart part; ConnectionError:
+        # the client went away mid-body. Both were 500s with an ERROR
+        # traceback, and the request was not logged (found by fuzzing).
         return _bad_request(request, "the form could not be read")
     except TimeoutError:
         return _page(request, "error.html", status=408, message="the form took too long to arrive")

@@ -333,3 +333,22 @@ async def test_malformed_multipart_form_is_400_not_500(server):
         + body,
     )
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:40]
+
+
+async def test_client_gone_mid_body_is_logged_not_a_traceback(server, db, caplog):
+    host, port = server.listeners.http["ipv4"].getsockname()[:2]
+    _, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        b"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n\r\ntoken=abc"
+    )
+    await writer.drain()
+    async with asyncio.timeout(10):
+        while not server.connections["ipv4"]._all.count or server.connections["ipv4"]._all.idle:
+            await asyncio.sleep(0.01)  # until the request is being handled
+    writer.transport.abort()
+    async with asyncio.timeout(10):
+        while not db("SELECT count(*) FROM requests WHERE kind = 'submit'")[0][0]:
+            await asyncio.sleep(0.02)
+    assert db("SELECT status FROM requests WHERE kind = 'submit'")[0][0] == 400
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
