@@ -341,7 +341,10 @@ async def expect(request: web.Request) -> None:
     if request.version != HttpVersion11:
         return
     if request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except ConnectionError:
+            return  # the client is gone: reading its body fails, and is logged
         request.writer.output_size = 0
         return
     raise web.HTTPExpectationFailed(text="417: unknown Expect\n")
