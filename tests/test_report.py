@@ -7,6 +7,7 @@ stores them, and a GeoIP Country and ASN database built for the test.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sqlite3
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from probe_server.cli import main
+from probe_server.store import open_sync
 from probe_server.testing import write_config
 from probe_server.tokens import new_token
 
@@ -423,3 +425,45 @@ def test_markdown_and_json_files_with_the_figure(population, geo_config, tmp_pat
         str(out),
     )
     assert rounded(json.loads((out / "report.json").read_text())) == rounded(EXPECTED)
+
+
+def test_an_empty_database_reports_zeros(tmp_path, capsys):
+    db = tmp_path / "probe.db"
+    open_sync(db).close()
+    out = report(capsys, "--db", str(db), "--format", "json", "--out", str(tmp_path / "out"))
+    assert png_size(tmp_path / "out" / "figure2.png")[0] > 0
+    assert "report.json" in out
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["adoption"]["overall"] == {
+        "ipv4_addresses": 0,
+        "native_ipv6": 0,
+        "rate": None,
+        "ci95_low": None,
+        "ci95_high": None,
+    }
+    assert data["countries"] == data["batches"] == data["providers"] == []
+    assert data["previews"] == {"requests": 0, "sessions": 0}
+    text = report(capsys, "--db", str(db))
+    assert "| **Total** | 0 | – |" in text and "No completed HIT." in text
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["--format", "csv"], 2, "--format csv writes one file per table: give --out DIR"),
+        (["--refresh-geoip"], 2, "--refresh-geoip needs [geoip] databases"),
+        (["--top", "0"], 2, "must be 1 or more"),
+    ],
+)
+def test_usage_errors(tmp_path, capsys, args, status, message):
+    db = tmp_path / "probe.db"
+    open_sync(db).close()
+    with pytest.raises(SystemExit) if "--top" in args else contextlib.nullcontext():
+        assert main(["report", "--db", str(db), *args]) == status
+    assert message in capsys.readouterr().err
+
+
+def test_missing_database_is_not_created(tmp_path, capsys):
+    assert main(["report", "--db", str(tmp_path / "nope.db")]) == 1
+    assert "nope.db: no such database" in capsys.readouterr().err
+    assert not (tmp_path / "nope.db").exists()
