@@ -85,9 +85,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         conn = open_sync(db)
         try:
             enrich(conn, geo, refresh=args.refresh_geoip, stream=sys.stderr)
-            report = build_report(conn, top=args.top, min_sample=args.min_sample)
         finally:
             conn.close()
+    report = build_report(db, top=args.top, min_sample=args.min_sample)
     if args.out is not None:
         for path in write_outputs(report, args.format, Path(args.out)):
             print(path)

@@ -37,6 +37,9 @@ CREATE TABLE geoip (
     looked_up    REAL NOT NULL
 ) WITHOUT ROWID;
 
+-- When MTurk says each assignment was submitted, without reading its row.
+CREATE INDEX assignments_submitted ON assignments (assignment_id, submit_time);
+
 -- Answers still missing a database's part (it was not configured then).
 CREATE INDEX geoip_incomplete ON geoip (address) WHERE country_db IS NULL OR asn_db IS NULL;
 
@@ -245,7 +248,7 @@ submitted AS (
     -- Assignments MTurk reports submitted whose answer never reached us.
     SELECT s.token, s.visit, s.assignment_id, s.hit_id, s.batch, s.ipv4,
            NULL AS answered_at, NULL AS red_correct
-    FROM assignments g
+    FROM assignments g INDEXED BY assignments_submitted
     JOIN sessions s ON s.id = (
         SELECT min(o.id) FROM sessions o INDEXED BY sessions_assignment
         WHERE o.assignment_id = g.assignment_id AND o.visit = 'accepted')
@@ -256,7 +259,7 @@ submitted AS (
           JOIN answers b ON b.session_token = o.token
           WHERE o.assignment_id = g.assignment_id AND o.visit = 'accepted')
 ),
-batch_start AS MATERIALIZED (
+batch_start AS (
     SELECT batch, min(first_created) AS first_created
     FROM (
         SELECT batch, min(created) AS first_created
@@ -273,6 +276,22 @@ batch_start AS MATERIALIZED (
     )
     GROUP BY batch
 ),
+-- Everything a completion needs from its batch, by batch name: a few rows,
+-- so a million lookups in it stay cheap.
+batch_info AS MATERIALIZED (
+    SELECT name AS batch, reward, countries, published FROM batches
+    UNION ALL
+    SELECT batch, NULL, '', NULL FROM batch_start
+    WHERE batch NOT IN (SELECT name FROM batches)
+),
+batch_info_start AS MATERIALIZED (
+    SELECT i.batch, i.reward, i.countries, COALESCE(i.published, s.first_created) AS start
+    FROM batch_info i
+    LEFT JOIN batch_start s ON s.batch = i.batch
+),
+hit_batch AS MATERIALIZED (
+    SELECT hit_id, batch FROM hits
+),
 completed AS (
     SELECT * FROM answered
     UNION ALL
@@ -282,19 +301,17 @@ SELECT c.token AS session_token,
        CASE WHEN c.visit = 'accepted' THEN c.assignment_id END AS assignment_id,
        -- the session_batch rule: the HIT's batch, else the label
        COALESCE(h.batch, NULLIF(c.batch, '')) AS batch,
-       bt.reward,
-       CASE WHEN length(bt.countries) = 2 THEN bt.countries
+       b.reward,
+       CASE WHEN length(b.countries) = 2 THEN b.countries
             ELSE COALESCE((SELECT g.country FROM geoip g WHERE g.address = c.ipv4), 'unknown')
        END AS country,
        COALESCE(asg.submit_time, c.answered_at) AS completed_at,
-       (COALESCE(asg.submit_time, c.answered_at) - COALESCE(bt.published, bs.first_created))
-           / 3600.0 AS hours,
+       (COALESCE(asg.submit_time, c.answered_at) - b.start) / 3600.0 AS hours,
        COALESCE(c.red_correct, 0) AS correct
 FROM completed c
-LEFT JOIN hits h ON h.hit_id = c.hit_id
-LEFT JOIN batches bt ON bt.name = COALESCE(h.batch, NULLIF(c.batch, ''))
-LEFT JOIN batch_start bs ON bs.batch = COALESCE(h.batch, NULLIF(c.batch, ''))
-LEFT JOIN assignments asg
+LEFT JOIN hit_batch h ON h.hit_id = c.hit_id
+LEFT JOIN batch_info_start b ON b.batch = COALESCE(h.batch, NULLIF(c.batch, ''))
+LEFT JOIN assignments asg INDEXED BY assignments_submitted
        ON asg.assignment_id = CASE WHEN c.visit = 'accepted' THEN c.assignment_id END;
 
 -- Table 3: completed and correct (red count right) HITs per batch and
