@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format check-zones bench clean venv
+.PHONY: run test lint format check-zones bench bench-report clean venv
 
 venv: $(STAMP)
 
@@ -31,6 +31,9 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/http_probe.py
+
+bench-report: $(STAMP)
+	$(BIN)/python bench/report_million.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

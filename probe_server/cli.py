@@ -73,14 +73,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     db = Path(args.db) if args.db else config.resolve(config.database.path)
     if args.format == "csv" and args.out is None:
-        raise ConfigError("--format csv writes one file per table: give --out DIR")
+        print(
+            "probe-server: report: --format csv writes one file per table: give --out DIR",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if not db.is_file():
         print(f"probe-server: report: {db}: no such database", file=sys.stderr)
         return EXIT_FAILURE
     with open_geoip(config) as geo:
         if not geo.configured:
             if args.refresh_geoip:
-                raise ConfigError("--refresh-geoip needs [geoip] databases to ask again")
+                print(
+                    "probe-server: report: --refresh-geoip needs [geoip] databases to ask"
+                    " again; without them the stored answers would be lost",
+                    file=sys.stderr,
+                )
+                return EXIT_USAGE
             print(f"probe-server: {GEOLITE_HINT}", file=sys.stderr)
         conn = open_sync(db)
         try:

@@ -81,6 +81,9 @@ async def test_a_database_configured_later_fills_in_what_was_missing(tmp_path, c
     )
     assert stored(db)["2601:5::1"][:2] == ("US", None)
 
+    # A newer country database that disagrees: only the missing part (the
+    # network) is filled in, the stored country stays.
+    country_db(tmp_path / "country.mmdb", {"2601::/20": ("CA", "Canada")})
     both = config_for(tmp_path, country_db="country.mmdb", asn_db="asn.mmdb")
     report = run_json(capsys, "--db", str(db), "--config", str(both))
     assert report["providers"] == [{"asn": 7922, "org": "Comcast", "addresses": 1}]

@@ -14,6 +14,7 @@ relay's network, not the client's.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import sqlite3
 import sys
@@ -262,7 +263,9 @@ def _incomplete(conn: sqlite3.Connection, geo: GeoIP) -> dict[str, tuple[Any, ..
     return found
 
 
-def _to_look_up(conn: sqlite3.Connection, geo: GeoIP) -> list[Address]:
+def _to_look_up(
+    conn: sqlite3.Connection, geo: GeoIP, incomplete: dict[str, tuple[Any, ...]]
+) -> list[Address]:
     """Addresses with no stored answer, or none from a database configured now."""
     since = _watermark(conn, "sessions")
     wanted: set[str] = {
@@ -282,7 +285,7 @@ def _to_look_up(conn: sqlite3.Connection, geo: GeoIP) -> list[Address]:
             " AND NOT EXISTS (SELECT 1 FROM geoip g WHERE g.address = c.geo_address)"
         )
     )
-    wanted.update(address for address in _incomplete(conn, geo))
+    wanted.update(incomplete)
     # Text order: the order of the table's key, so rows are appended rather
     # than inserted all over it; octet-aligned networks stay contiguous.
     parsed = []
@@ -299,11 +302,11 @@ def geolocate(conn: sqlite3.Connection, geo: GeoIP, *, stream: IO[str] | None = 
     if not geo.configured:
         return 0
     through = conn.execute("SELECT COALESCE(max(id), 0) FROM sessions").fetchone()[0]
-    addresses = _to_look_up(conn, geo)
     stored = _incomplete(conn, geo)
-    none: Iterator[Answer] = iter(lambda: Answer(), None)
-    countries = geo.country.lookups(addresses) if geo.country else none
-    networks = geo.asn.lookups(addresses) if geo.asn else none
+    addresses = _to_look_up(conn, geo, stored)
+    nothing = itertools.repeat(Answer())
+    countries = geo.country.lookups(addresses) if geo.country else nothing
+    networks = geo.asn.lookups(addresses) if geo.asn else nothing
     now = time.time()
     country_db = geo.country.label if geo.country else None
     asn_db = geo.asn.label if geo.asn else None
@@ -331,9 +334,11 @@ def geolocate(conn: sqlite3.Connection, geo: GeoIP, *, stream: IO[str] | None = 
                 asn_db,
                 now,
             ]
-            if old is not None and country_db is None:
+            # Only the missing part is filled in: a stored answer stays as it
+            # was, whatever the newer database says (--refresh-geoip asks again).
+            if old is not None and (country_db is None or old[5] is not None):
                 row[1], row[2], row[5] = old[1], old[2], old[5]
-            if old is not None and asn_db is None:
+            if old is not None and (asn_db is None or old[6] is not None):
                 row[3], row[4], row[6] = old[3], old[4], old[6]
             yield tuple(row)
 
