@@ -318,8 +318,10 @@ def main() -> int:
                 for table in ("sessions", "requests", "answers", "assignments")
             }
             distinct = conn.execute("SELECT count(DISTINCT ipv4) FROM sessions").fetchone()[0]
+            # Start cold: no class, no GeoIP answer stored yet.
             conn.execute("DELETE FROM geoip")
             conn.execute("DELETE FROM ipv6_addresses")
+            conn.execute("DELETE FROM enriched")
         size = sum(p.stat().st_size for p in workdir.glob("probe.db*")) / 2**20
         print(
             ", ".join(f"{n:,} {t}" for t, n in counts.items()),

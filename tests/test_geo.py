@@ -208,3 +208,16 @@ async def test_progress_bar_only_on_a_terminal(tmp_path):
             os.close(follower)
     conn.close()
     assert "geolocating:" in shown and "/39" in shown
+
+
+async def test_emptied_tables_are_filled_again(tmp_path, capsys):
+    db = tmp_path / "probe.db"
+    await small_population(db, ["198.51.100.7"], ipv6="2601:5::1")
+    country_db(tmp_path / "country.mmdb", US)
+    config = config_for(tmp_path, country_db="country.mmdb")
+    first = run_json(capsys, "--db", str(db), "--config", str(config))
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM geoip")
+        conn.execute("DELETE FROM ipv6_addresses")
+    conn.close()
+    assert run_json(capsys, "--db", str(db), "--config", str(config)) == first

@@ -205,9 +205,17 @@ def _write(conn: sqlite3.Connection, sql: str, rows: Iterable[tuple[Any, ...]]) 
             raise
 
 
+# What each watermark vouches for: emptied by hand, the table is filled again.
+_WATERMARKED = {"sessions": "geoip", "requests": "ipv6_addresses"}
+
+
 def _watermark(conn: sqlite3.Connection, source: str) -> int:
     row = conn.execute("SELECT through FROM enriched WHERE source = ?", (source,)).fetchone()
-    return int(row[0]) if row else 0
+    if row is None:
+        return 0
+    if conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {_WATERMARKED[source]})").fetchone()[0]:
+        return 0
+    return int(row[0])
 
 
 def _set_watermark(conn: sqlite3.Connection, source: str, through: int) -> None:
