@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format check-zones bench bench-report clean venv
+.PHONY: run test lint format bench bench-dns bench-report clean venv
 
 venv: $(STAMP)
 
@@ -29,8 +29,17 @@ format: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
+# The namespace lab (root): real server, our DNS, Chromium clients of every kind.
+# Also refreshes the screenshots in docs/.
+lab: $(STAMP)
+	PROBE_LAB_SCREENSHOTS=docs $(BIN)/pytest -m lab -v tests/test_lab.py
+
 bench: $(STAMP)
 	$(BIN)/python bench/http_probe.py
+
+# Needs dnsperf and knot (Debian packages); both servers on CPU 0, dnsperf on CPU 1.
+bench-dns: $(STAMP)
+	$(BIN)/python bench/dns_bench.py
 
 bench-report: $(STAMP)
 	$(BIN)/python bench/report_million.py

@@ -47,8 +47,8 @@ def free_port() -> int:
         return port
 
 
-async def wait_for_port(port: int, timeout: float = 30) -> None:
-    async with asyncio.timeout(timeout):
+async def wait_for_port(port: int) -> None:
+    async with asyncio.timeout(30):
         while True:
             try:
                 _, writer = await asyncio.open_connection("::1", port)
@@ -80,6 +80,7 @@ async def run(args: argparse.Namespace) -> int:
                 "server": {"secret_file": "probe.secret"},
                 "sites": {"ipv4": {"listen": "127.0.0.1:0"}, "ipv6": {"listen": "[::1]:0"}},
                 "database": {"path": "probe.db", "synchronous": args.synchronous},
+                "dns": {"enabled": False},
             },
         )
         server = ServerProcess(config, workdir, prefix=pin(0))

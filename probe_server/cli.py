@@ -19,12 +19,19 @@ log = logging.getLogger("probe_server")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
+# botocore logs each request's headers at DEBUG, the access key id among
+# them: these loggers never go below WARNING, whatever --log-level says.
+QUIET_LOGGERS = ("botocore", "aiobotocore", "aioboto3", "boto3", "urllib3")
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=level,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_async(coroutine: Coroutine[Any, Any, int]) -> int:
@@ -54,6 +61,14 @@ def _demo_banner(config: Config) -> Callable[[Listeners], None]:
             f"    sqlite3 -header -column {db} '{query}'\n",
             flush=True,
         )
+        if "udp_ipv4" in listeners.dns:
+            host, port = listeners.dns["udp_ipv4"].getsockname()[:2]
+            print(
+                "  DNS for example.org answers on UDP and TCP, IPv4 and IPv6:\n"
+                f"    dig @{host} -p {port} +norec v6.example.org AAAA\n"
+                f"    dig @{host} -p {port} +norec v6.example.org A   (NODATA: no A record)\n",
+                flush=True,
+            )
 
     return show
 
@@ -115,12 +130,16 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .mturk import cli as mturk_cli
+
     parser = argparse.ArgumentParser(
         prog="probe-server", description="Crowdsourced IPv4/IPv6 measurement server."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default: INFO for serve and fake-mturk, WARNING for hits (its output is for people)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -163,13 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="look every address up again in the configured databases",
     )
     report_parser.set_defaults(func=cmd_report)
+    mturk_cli.add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level or getattr(args, "default_log_level", "INFO"))
     try:
         result: int = args.func(args)
     except ConfigError as e:

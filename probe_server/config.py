@@ -147,6 +147,91 @@ class SurveyConfig(_Model):
         return self
 
 
+def _family(endpoint: str, version: int) -> str:
+    if ipaddress.ip_address(parse_endpoint(endpoint)[0]).version != version:
+        raise ValueError(f"needs an IPv{version} address, got {endpoint!r}")
+    return endpoint
+
+
+class RateLimitConfig(_Model):
+    """Response-rate limiting (RRL) per source prefix, for UDP."""
+
+    enabled: bool = True
+    # Responses per second each source prefix earns, and the most it can save up.
+    responses_per_second: float = Field(default=50.0, gt=0, le=1_000_000)
+    burst: int = Field(default=100, ge=1, le=1_000_000)
+    # Past the limit, every slip-th response is sent truncated (TC=1) instead
+    # of dropped; 0 drops them all, 1 truncates them all.
+    slip: int = Field(default=2, ge=0, le=100)
+    ipv4_prefix: int = Field(default=24, ge=8, le=32)
+    ipv6_prefix: int = Field(default=56, ge=16, le=128)
+    # Prefixes tracked at once (memory bound).
+    max_prefixes: int = Field(default=100_000, ge=100, le=10_000_000)
+
+
+class DnsConfig(_Model):
+    """The authoritative DNS server in the same process."""
+
+    enabled: bool = True
+    # Master files, each with its $ORIGIN; a child zone may be listed with its parent.
+    zones: tuple[Path, ...] = (Path("dns/example.org.zone"), Path("dns/v6ns.example.org.zone"))
+    # UDP and TCP on the same ADDRESS:PORT, one socket pair per family.
+    listen_ipv4: Endpoint = "127.0.0.1:5353"
+    listen_ipv6: Endpoint = "[::1]:5353"
+    # The EDNS UDP payload size we announce and the largest UDP reply we send.
+    edns_udp_size: int = Field(default=1232, ge=512, le=4096)
+    tcp_idle_timeout: float = Field(default=10.0, gt=0, le=300)
+    tcp_max_connections: int = Field(default=1000, ge=1, le=100_000)
+    # Packed replies kept per (name, type, EDNS); wildcard names share one.
+    answer_cache: int = Field(default=10000, ge=16, le=10_000_000)
+    rrl: RateLimitConfig = RateLimitConfig()
+
+    @field_validator("listen_ipv4")
+    @classmethod
+    def _ipv4_socket(cls, value: str) -> str:
+        return _family(value, 4)
+
+    @field_validator("listen_ipv6")
+    @classmethod
+    def _ipv6_socket(cls, value: str) -> str:
+        return _family(value, 6)
+
+    @model_validator(mode="after")
+    def _some_zone(self) -> DnsConfig:
+        if self.enabled and not self.zones:
+            raise ValueError("zones: name at least one zone file (or set enabled = false)")
+        return self
+
+
+def _rehearsal_site(value: str) -> str:
+    """A loopback origin such as ``http://127.0.0.1:8765``, canonical form."""
+    parts = urlsplit(value)
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or host is None:
+        raise ValueError(f"expected an origin such as http://127.0.0.1:8765, got {value!r}")
+    if parts.username or parts.password or parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"expected an origin (scheme, host, port) only, got {value!r}")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    # Only the rehearsal's own machine: this list can never turn the answer
+    # page into a redirect to some other site.
+    if not loopback:
+        raise ValueError(f"only loopback worker sites may be added, got {value!r}")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+RehearsalSite = Annotated[str, AfterValidator(_rehearsal_site)]
+
+
+class MTurkConfig(_Model):
+    # Worker sites accepted as turkSubmitTo besides MTurk's own (production
+    # and sandbox): loopback origins of `probe-server fake-mturk`, for
+    # rehearsals only. Empty in production.
+    rehearsal_worker_sites: tuple[RehearsalSite, ...] = ()
+
+
 class GeoIPConfig(_Model):
     """MaxMind-format databases for ``probe-server report``; the server never reads them."""
 
@@ -161,6 +246,8 @@ class Config(_Model):
     sites: SitesConfig = SitesConfig()
     database: DatabaseConfig = DatabaseConfig()
     survey: SurveyConfig = SurveyConfig()
+    dns: DnsConfig = DnsConfig()
+    mturk: MTurkConfig = MTurkConfig()
     geoip: GeoIPConfig = GeoIPConfig()
     # Where the file was read from (None for the built-in demo config).
     source: Path | None = None
@@ -178,7 +265,7 @@ def demo_config() -> Config:
     return Config()
 
 
-def _describe(error: ValidationError, prefix: str) -> str:
+def describe_error(error: ValidationError, prefix: str) -> str:
     first = error.errors()[0]
     location = ".".join(str(part) for part in first["loc"])
     message = first["msg"]
@@ -208,4 +295,4 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     try:
         return Config.model_validate({**data, "source": path.resolve()})
     except ValidationError as e:
-        raise ConfigError(_describe(e, f"{path}: ")) from None
+        raise ConfigError(describe_error(e, f"{path}: ")) from None

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from .config import Config, SiteConfig, parse_endpoint
+from .dnsserver import DnsServer
+from .dnswire import Responder
 from .tokens import load_or_create_secret
 from .web import IPV4, IPV6, create_app
+from .zone import Authority, ZoneError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,9 @@ def bind_socket(address: str, port: int, kind: int = socket.SOCK_STREAM) -> sock
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == socket.SOCK_STREAM:
+            # Not for UDP: on Linux it would let a second server share the port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address, port))
@@ -90,25 +95,55 @@ class Listeners:
     """The bound public sockets, by role."""
 
     http: dict[str, socket.socket]
+    # "udp_ipv4", "tcp_ipv4", "udp_ipv6", "tcp_ipv6" (empty when DNS is off).
+    dns: dict[str, socket.socket]
 
     def close(self) -> None:
-        for sock in self.http.values():
+        for sock in (*self.http.values(), *self.dns.values()):
             sock.close()
 
     def describe(self) -> str:
-        return " ".join(f"http_{site}={endpoint_text(sock)}" for site, sock in self.http.items())
+        parts = [f"http_{site}={endpoint_text(sock)}" for site, sock in self.http.items()]
+        parts += [f"dns_{name}={endpoint_text(sock)}" for name, sock in self.dns.items()]
+        return " ".join(parts)
+
+
+def bind_dns_pair(address: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket on the same port (port 0: a free one for both)."""
+    for _ in range(20):
+        tcp = bind_socket(address, port)
+        try:
+            udp = bind_socket(address, tcp.getsockname()[1], socket.SOCK_DGRAM)
+        except StartupError:
+            tcp.close()
+            if port:
+                raise
+            continue  # the free TCP port is taken for UDP: try another
+        return udp, tcp
+    raise StartupError(f"cannot find a port free for both UDP and TCP on {address}")
 
 
 def bind_all(config: Config) -> Listeners:
-    bound: dict[str, socket.socket] = {}
+    listeners = Listeners(http={}, dns={})
     try:
         for name, site in ((IPV4, config.sites.ipv4), (IPV6, config.sites.ipv6)):
-            bound[name] = bind_socket(*parse_endpoint(site.listen))
+            listeners.http[name] = bind_socket(*parse_endpoint(site.listen))
+        if config.dns.enabled:
+            for name, endpoint in ((IPV4, config.dns.listen_ipv4), (IPV6, config.dns.listen_ipv6)):
+                udp, tcp = bind_dns_pair(*parse_endpoint(endpoint))
+                listeners.dns[f"udp_{name}"], listeners.dns[f"tcp_{name}"] = udp, tcp
     except BaseException:
-        for sock in bound.values():
-            sock.close()
+        listeners.close()
         raise
-    return Listeners(http=bound)
+    return listeners
+
+
+def load_authority(config: Config) -> Authority:
+    """Read every zone file named in the config, before anything binds."""
+    try:
+        return Authority.from_files(config.resolve(path) for path in config.dns.zones)
+    except ZoneError as e:
+        raise StartupError(f"dns.zones: {e}") from None
 
 
 class ProbeServer:
@@ -120,6 +155,7 @@ class ProbeServer:
         self.base_urls: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
         self.app: web.Application | None = None
+        self.dns: DnsServer | None = None
 
     async def start(self) -> Listeners:
         """Bind every socket, open the database, start serving.
@@ -135,13 +171,21 @@ class ProbeServer:
             IPV4: tls_context(config, config.sites.ipv4),
             IPV6: tls_context(config, config.sites.ipv6),
         }
+        authority = load_authority(config) if config.dns.enabled else None
         listeners = bind_all(config)
         base_urls = {
             IPV4: config.sites.ipv4.base_url or site_url(listeners.http[IPV4], contexts[IPV4]),
             IPV6: config.sites.ipv6.base_url or site_url(listeners.http[IPV6], contexts[IPV6]),
         }
         self.base_urls = base_urls
-        self.app = create_app(config, secret, base_urls)
+        if authority is not None:
+            responder = Responder(
+                authority,
+                udp_size=config.dns.edns_udp_size,
+                cache_size=config.dns.answer_cache,
+            )
+            self.dns = DnsServer(config.dns, responder, listeners.dns)
+        self.app = create_app(config, secret, base_urls, self.dns)
         runner = web.AppRunner(
             self.app,
             access_log=None,

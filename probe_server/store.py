@@ -11,6 +11,7 @@ the rows stay queued, in a bounded buffer, and are retried until they go in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -50,14 +51,12 @@ def migrations() -> list[tuple[int, str, str]]:
             found.append((int(name[:4]), name, entry.read_text(encoding="utf-8")))
     found.sort()
     versions = [version for version, _, _ in found]
-    # Numbers are unique and ascending; a gap is a number reserved for a
-    # script that another line of work adds (0003 DNS, 0005 MTurk).
-    if not versions or versions[0] != 1 or len(set(versions)) != len(versions):
-        raise SchemaError(f"schema scripts must be numbered uniquely from 1: {versions}")
+    if versions != list(range(1, len(found) + 1)):
+        raise SchemaError(f"schema scripts are not numbered 1..n: {versions}")
     return found
 
 
-SCHEMA_VERSION = migrations()[-1][0]
+SCHEMA_VERSION = len(migrations())
 
 
 def _pragmas(conn: sqlite3.Connection, synchronous: str) -> None:
@@ -131,11 +130,12 @@ class WriterStats:
 
 
 class _Item:
-    __slots__ = ("future", "rows")
+    __slots__ = ("deadline", "future", "rows")
 
-    def __init__(self, rows: Sequence[Row], future: asyncio.Future[None]) -> None:
+    def __init__(self, rows: Sequence[Row], future: asyncio.Future[None], deadline: float) -> None:
         self.rows = rows
         self.future = future
+        self.deadline = deadline
 
 
 class Writer:
@@ -147,10 +147,12 @@ class Writer:
         *,
         queue_limit: int = 50000,
         batch_max: int = 2000,
+        commit_timeout: float = 5.0,
         retry_min: float = 0.05,
         retry_max: float = 2.0,
     ) -> None:
         self._conn = conn
+        self._commit_timeout = commit_timeout
         self._queue_limit = queue_limit
         self._batch_max = batch_max
         self._retry_min = retry_min
@@ -160,6 +162,8 @@ class Writer:
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._expired = 0  # leading items of _pending already answered NotStored
         self.stats = WriterStats()
 
     @property
@@ -173,6 +177,7 @@ class Writer:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sqlite-writer")
+        self._watchdog = asyncio.create_task(self._expire_late(), name="sqlite-writer-watchdog")
 
     def submit(self, rows: Sequence[Row]) -> asyncio.Future[None]:
         """Queue rows for the next commit; the future resolves once committed."""
@@ -181,24 +186,41 @@ class Writer:
         if self._pending_rows + len(rows) > self._queue_limit:
             self.stats.rejected += len(rows)
             raise Overloaded(f"write queue full ({self._pending_rows} rows waiting)")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Item(rows, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending.append(_Item(rows, future, loop.time() + self._commit_timeout))
         self._pending_rows += len(rows)
         self._wake.set()
         return future
 
-    async def write(self, rows: Sequence[Row], timeout: float | None = None) -> None:
+    async def write(self, rows: Sequence[Row]) -> None:
         """Queue rows and wait until they are committed.
 
         Raises :class:`Overloaded` when the queue is full and
-        :class:`NotStored` when the commit does not happen within ``timeout``
-        seconds; in the latter case the rows stay queued and are stored later.
+        :class:`NotStored` when the commit has not happened within the
+        writer's ``commit_timeout``; in the latter case the rows stay queued
+        and are stored later.
         """
-        future = self.submit(rows)
-        try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            raise NotStored(self.stats.last_error or "commit is slow") from None
+        await self.submit(rows)
+
+    async def _expire_late(self) -> None:
+        """Answer NotStored to rows waiting longer than commit_timeout.
+
+        One periodic check instead of a timer per request: the queue is in
+        submission order, so only its head needs looking at.
+        """
+        interval = min(1.0, self._commit_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = asyncio.get_running_loop().time()
+            for index in range(self._expired, len(self._pending)):
+                item = self._pending[index]
+                if item.deadline > now:
+                    break
+                self._expired = index + 1
+                if not item.future.done():
+                    item.future.set_exception(NotStored(self.stats.last_error or "commit is slow"))
+                    item.future.exception()  # nobody need be waiting any more
 
     def _take_batch(self) -> list[_Item]:
         batch: list[_Item] = []
@@ -263,6 +285,7 @@ class Writer:
             for item in batch:
                 self._pending.popleft()
                 self._pending_rows -= len(item.rows)
+                self._expired = max(0, self._expired - 1)
                 if not item.future.done():
                     item.future.set_result(None)
 
@@ -276,6 +299,7 @@ class Writer:
                 item.future.set_exception(NotStored(error))
                 item.future.exception()  # retrieved: nobody may be waiting any more
         self._pending_rows = 0
+        self._expired = 0
 
     async def close(self) -> None:
         """Commit everything queued, then stop. Idempotent."""
@@ -284,3 +308,8 @@ class Writer:
         if self._task is not None:
             await self._task
             self._task = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None

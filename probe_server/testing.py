@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -28,8 +29,9 @@ class ServerProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.endpoints: dict[str, str] = {}
         self.stderr = b""
+        self.timeout = 30.0  # seconds for start-up and for exit
 
-    async def start(self, timeout: float = 30) -> None:
+    async def start(self) -> None:
         notify_path = self.workdir / f"notify-{os.getpid()}-{id(self)}.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
@@ -50,7 +52,7 @@ class ServerProcess:
         )
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(self.timeout):
                 wait_exit = asyncio.ensure_future(self.process.wait())
                 while True:
                     receive = asyncio.ensure_future(loop.sock_recv(notify, 4096))
@@ -72,6 +74,11 @@ class ServerProcess:
         assert status, message
         self.endpoints = dict(part.split("=", 1) for part in status.group(1).split())
 
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
     def url(self, site: str) -> str:
         return f"http://{self.endpoints[f'http_{site}']}"
 
@@ -79,9 +86,9 @@ class ServerProcess:
         assert self.process is not None
         self.process.send_signal(signum)
 
-    async def wait(self, timeout: float = 30) -> int:
+    async def wait(self) -> int:
         assert self.process is not None
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(self.timeout):
             _, self.stderr = await self.process.communicate()
         assert self.process.returncode is not None
         return self.process.returncode
@@ -93,7 +100,7 @@ class ServerProcess:
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
-    """Write a config as TOML (tables of scalars, enough for tests)."""
+    """Write a config as TOML (tables of scalars and lists of strings, enough for tests)."""
     lines: list[str] = []
 
     def emit(prefix: str, table: dict[str, Any]) -> None:
@@ -105,6 +112,8 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
                 lines.append(f"{key} = {'true' if value else 'false'}")
             elif isinstance(value, int | float):
                 lines.append(f"{key} = {value}")
+            elif isinstance(value, list | tuple):
+                lines.append(f"{key} = [{', '.join(json.dumps(str(v)) for v in value)}]")
             else:
                 lines.append(f'{key} = "{value}"')
         for key, value in table.items():
@@ -134,3 +143,124 @@ def require_tool(name: str) -> str:
     if os.environ.get("PROBE_SERVER_CI"):
         pytest.fail(f"{name} is required in CI; add its Debian package to .ci/run")
     pytest.skip(f"{name} is not installed")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on ``host`` right now (for peers without port 0)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50):
+        with socket.socket(family, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port: int = tcp.getsockname()[1]
+            with socket.socket(family, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+KNOT_CONFIG = """\
+server:
+    rundir: "{workdir}"
+    listen: [ {listen} ]
+    udp-workers: 1
+    tcp-workers: 1
+    background-workers: 1
+{user}log:
+  - target: stderr
+    any: warning
+database:
+    storage: "{workdir}"
+template:
+  - id: default
+    storage: "{workdir}"
+    # Serve the files as they are: never write them back, no journal.
+    zonefile-sync: -1
+    zonefile-load: whole
+    journal-content: none
+    semantic-checks: on
+zone:
+{zones}"""
+
+
+class KnotProcess:
+    """Knot DNS serving the same zone files, as a reference (tests, benchmark)."""
+
+    def __init__(
+        self, zone_files: Sequence[Path], workdir: Path, prefix: Sequence[str] = ()
+    ) -> None:
+        self.zone_files = list(zone_files)
+        self.workdir = workdir
+        self.prefix = list(prefix)
+        self.port = 0
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def config(self) -> str:
+        zones = ""
+        for path in self.zone_files:
+            match = re.search(r"^\$ORIGIN\s+(\S+)", path.read_text(), re.MULTILINE)
+            assert match, f"{path}: no $ORIGIN"
+            zones += f'  - domain: {match.group(1)}\n    file: "{path.resolve()}"\n'
+        user = "    user: root:root\n" if os.geteuid() == 0 else ""
+        return KNOT_CONFIG.format(
+            workdir=self.workdir,
+            listen=f"127.0.0.1@{self.port}, ::1@{self.port}",
+            user=user,
+            zones=zones,
+        )
+
+    async def start(self, knotd: str = "knotd") -> None:
+        import dns.asyncquery
+        import dns.exception
+        import dns.message
+
+        self.port = free_port()
+        config = self.workdir / "knot.conf"
+        config.write_text(self.config())
+        self.process = await asyncio.create_subprocess_exec(
+            *self.prefix,
+            knotd,
+            "-c",
+            str(config),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        # knotd loads zones after it starts listening: ready once every zone
+        # answers its SOA. Polling is the only readiness signal it gives here.
+        origins = [
+            re.search(r"^\$ORIGIN\s+(\S+)", p.read_text(), re.MULTILINE) for p in self.zone_files
+        ]
+        async with asyncio.timeout(30):
+            for origin in origins:
+                assert origin is not None
+                while True:
+                    if self.process.returncode is not None:
+                        err = await self.process.stderr.read() if self.process.stderr else b""
+                        raise RuntimeError(f"knotd exited: {err.decode(errors='replace')}")
+                    query = dns.message.make_query(origin.group(1), "SOA")
+                    try:
+                        reply = await dns.asyncquery.udp(
+                            query, "127.0.0.1", port=self.port, timeout=0.5
+                        )
+                    except dns.exception.Timeout:
+                        continue
+                    if reply.answer:
+                        break
+                    await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            try:
+                async with asyncio.timeout(10):
+                    await self.process.communicate()
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()

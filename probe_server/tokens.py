@@ -9,6 +9,7 @@ change letter case (0x20 randomisation) and labels are case-insensitive.
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import os
 import secrets
@@ -37,6 +38,25 @@ def verify_token(secret: bytes, token: str) -> bool:
         return False
     raw = base64.b32decode(token.upper())
     return hmac.compare_digest(raw[_ID_BYTES:], _mac(secret, raw[:_ID_BYTES]))
+
+
+class TokenVerifier:
+    """:func:`verify_token` with a memory of recent answers.
+
+    A page's balls all carry the same token, so most probe fetches repeat a
+    verification just done; the cache is bounded, so a flood of forged
+    tokens only evicts entries.
+    """
+
+    def __init__(self, secret: bytes, cache_size: int = 65536) -> None:
+        self.secret = secret
+        self._cached = functools.lru_cache(maxsize=cache_size)(self._verify)
+
+    def _verify(self, token: str) -> bool:
+        return verify_token(self.secret, token)
+
+    def __call__(self, token: str) -> bool:
+        return bool(self._cached(token))
 
 
 def looks_like_token(token: str) -> bool:

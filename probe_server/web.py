@@ -24,9 +24,21 @@ from aiohttp import web
 
 from . import images, survey
 from .config import Config
-from .keys import base_urls_key, config_key, reader_key, secret_key, templates_key, writer_key
+from .dnsserver import DnsServer
+from .keys import (
+    base_urls_key,
+    config_key,
+    csp_key,
+    dns_key,
+    reader_key,
+    secret_key,
+    templates_key,
+    verifier_key,
+    worker_sites_key,
+    writer_key,
+)
 from .store import NotStored, Overloaded, Row, Writer, open_database, open_reader
-from .tokens import looks_like_token, new_token, verify_token
+from .tokens import TokenVerifier, looks_like_token, new_token
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +67,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Probe:
     """What a handler learnt about its request, for the request log."""
 
+    addr: str
+    port: int
     kind: str = "unknown"
     token: str | None = None
     token_ok: bool = False
@@ -95,9 +109,24 @@ def _no_store(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
+def content_security_policy(worker_sites: tuple[str, ...]) -> str:
+    """Who may frame our pages and where their forms may post.
+
+    MTurk shows the survey in an iframe on its worker site, so there is no
+    X-Frame-Options (it would blank the HIT) and frame-ancestors names
+    MTurk's sites instead. form-action limits form posts to this site and
+    the worker sites' externalSubmit: even a bug in the turkSubmitTo check
+    could not make a browser post answers elsewhere.
+    """
+    framing = " ".join(("'self'", *survey.MTURK_FRAMING_SITES, *worker_sites))
+    forms = " ".join(dict.fromkeys(("'self'", *worker_sites)))
+    return f"frame-ancestors {' '.join(dict.fromkeys(framing.split()))}; form-action {forms}"
+
+
 def _page(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
     html = request.app[templates_key].get_template(template).render(**context)
     response = web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+    response.headers["Content-Security-Policy"] = request.app[csp_key]
     _no_store(response)
     return response
 
@@ -115,12 +144,13 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
     probe = request[probe_key]
     probe.kind = "survey"
     try:
-        visit = survey.parse_visit(request.query, config.survey.batch)
+        worker_sites: tuple[str, ...] = request.app[worker_sites_key]
+        visit = survey.parse_visit(request.query, config.survey.batch, worker_sites)
     except survey.BadInput as e:
         return _bad_request(request, str(e))
     token = new_token(request.app[secret_key])
     red, blue = survey.draw_counts(config.survey.min_balls, config.survey.max_balls)
-    address, port = peer(request)
+    address = probe.addr
     probe.token, probe.token_ok, probe.durable = token, True, True
     probe.rows.append(
         (
@@ -129,7 +159,7 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
                 token,
                 time.time(),
                 address,
-                port,
+                probe.port,
                 request.headers.get("User-Agent", "")[:MAX_LOGGED_AGENT],
                 red,
                 blue,
@@ -150,7 +180,6 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
         visit=visit,
         red_urls=survey.ball_urls(base_urls[IPV4], "red", token, red, address),
         blue_urls=survey.ball_urls(base_urls[IPV6], "blue", token, blue, address),
-        ball_size=images.BALL_SIZE,
     )
 
 
@@ -162,7 +191,7 @@ async def _ball(request: web.Request, kind: str, body: bytes) -> web.StreamRespo
     ball = request.match_info["ball"]
     if looks_like_token(token):
         probe.token = token
-        probe.token_ok = verify_token(request.app[secret_key], token)
+        probe.token_ok = request.app[verifier_key](token)
     if ball.isdigit() and len(ball) <= 2:
         probe.ball = int(ball)
     # A forged or unknown token still gets its image, so the page never
@@ -192,7 +221,7 @@ async def submit(request: web.Request) -> web.StreamResponse:
     token = fields.get("token", "")
     if looks_like_token(token):
         probe.token = token
-        probe.token_ok = verify_token(request.app[secret_key], token)
+        probe.token_ok = request.app[verifier_key](token)
     if not probe.token_ok:
         return _bad_request(request, "this survey session is not valid; please reload the page")
     try:
@@ -200,34 +229,55 @@ async def submit(request: web.Request) -> web.StreamResponse:
     except survey.BadInput as e:
         return _bad_request(request, str(e))
     async with request.app[reader_key].execute(
-        "SELECT red_count FROM sessions WHERE token = ?", (token,)
+        "SELECT red_count, visit, assignment_id, turk_submit_to FROM sessions WHERE token = ?",
+        (token,),
     ) as cursor:
         session = await cursor.fetchone()
     if session is None:
         return _bad_request(request, "this survey session is unknown; please reload the page")
-    address, _ = peer(request)
+    red_count, visit, assignment_id, turk_submit_to = session
+    if visit == "preview":
+        return _bad_request(
+            request, "this is a preview of the HIT: accept the HIT on MTurk, then answer"
+        )
     probe.durable = True
     probe.rows.append(
         (
             INSERT_ANSWER,
-            (token, time.time(), address, answer.red, answer.blue, answer.red == session[0]),
+            (token, time.time(), probe.addr, answer.red, answer.blue, answer.red == red_count),
         )
     )
-    return _page(request, "thanks.html")
+    # The record middleware answers only once the answer row is committed:
+    # the browser hands the answer on to MTurk only after we have stored it.
+    site = None
+    if visit == "accepted" and assignment_id and turk_submit_to:
+        # Checked again: the session may predate a change of the allowed sites.
+        worker_sites: tuple[str, ...] = request.app[worker_sites_key]
+        site = survey.worker_site(turk_submit_to, worker_sites)
+    if site is None:
+        return _page(request, "thanks.html")
+    return _page(
+        request,
+        "handoff.html",
+        submit_url=survey.external_submit_url(site),
+        assignment_id=assignment_id,
+        # Everything but assignmentId becomes an answer in MTurk's
+        # QuestionFormAnswers; the token lets review find the session.
+        fields=[("token", token), ("red", str(answer.red)), ("blue", str(answer.blue))],
+    )
 
 
 # -- the request log -----------------------------------------------------------
 
 
 def _request_row(request: web.Request, site: str, probe: Probe, status: int, size: int) -> Row:
-    address, port = peer(request)
     return (
         INSERT_REQUEST,
         (
             time.time(),
             site,
-            address,
-            port,
+            probe.addr,
+            probe.port,
             request.method[:16],
             request.raw_path[:MAX_LOGGED_PATH],
             probe.kind,
@@ -252,7 +302,7 @@ def _unavailable(reason: str) -> web.Response:
 async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Route by socket family, log the request, hold probes until stored."""
     site = site_of(request)
-    probe = request[probe_key] = Probe()
+    probe = request[probe_key] = Probe(*peer(request))
     allowed = getattr(request.match_info.handler, "sites", None)
     try:
         if allowed is not None and site not in allowed:
@@ -268,7 +318,7 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     # successful probes turn into 503 when the row cannot be stored: they are
     # the measurement, and a 200 must mean that it was kept.
     try:
-        await request.app[writer_key].write(rows, request.app[config_key].server.commit_timeout)
+        await request.app[writer_key].write(rows)
     except Overloaded:
         if probe.durable and response.status < 400:
             return _unavailable("overloaded")
@@ -288,7 +338,10 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     path = config.resolve(config.database.path)
     conn = await open_database(path, config.database.synchronous)
     writer = Writer(
-        conn, queue_limit=config.database.queue_limit, batch_max=config.database.batch_max
+        conn,
+        queue_limit=config.database.queue_limit,
+        batch_max=config.database.batch_max,
+        commit_timeout=config.server.commit_timeout,
     )
     writer.start()
     reader = await open_reader(path)
@@ -309,18 +362,49 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         )
 
 
-def create_app(config: Config, secret: bytes, base_urls: dict[str, str]) -> web.Application:
-    """The public application; the same app serves both sites' sockets."""
+async def _dns(app: web.Application) -> AsyncIterator[None]:
+    """The DNS listeners: started after the writer they log to, stopped before it."""
+    config = app[config_key]
+    dns = app[dns_key]
+    # Query rows may fill at most half the write queue; the rest is the probes'.
+    await dns.start(app[writer_key], log_limit=config.database.queue_limit // 2)
+    log.info("event=dns_started zones=%d", len(dns.responder.authority.zones))
+    try:
+        yield
+    finally:
+        await dns.stop()
+
+
+def create_app(
+    config: Config, secret: bytes, base_urls: dict[str, str], dns: DnsServer | None = None
+) -> web.Application:
+    """The public application; the same app serves both sites' sockets.
+
+    ``dns``, when given, is started and stopped with the application, after
+    the database writer it logs to.
+    """
     app = web.Application(middlewares=[record], client_max_size=config.server.max_body)
     app[config_key] = config
     app[base_urls_key] = base_urls
+    worker_sites = (*survey.MTURK_WORKER_SITES, *config.mturk.rehearsal_worker_sites)
+    app[worker_sites_key] = worker_sites
+    app[csp_key] = content_security_policy(worker_sites)
+    if config.mturk.rehearsal_worker_sites:
+        log.warning(
+            "event=rehearsal_worker_sites sites=%s (answers may be handed to these)",
+            ",".join(config.mturk.rehearsal_worker_sites),
+        )
     app[secret_key] = secret
+    app[verifier_key] = TokenVerifier(secret)
     app[templates_key] = jinja2.Environment(
         loader=jinja2.PackageLoader("probe_server", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
     app.cleanup_ctx.append(_database)
+    if dns is not None:
+        app[dns_key] = dns
+        app.cleanup_ctx.append(_dns)
     app.router.add_get("/", survey_page)
     app.router.add_post("/submit", submit)
     app.router.add_get(r"/red/{token}/{ball}.png", red_ball)

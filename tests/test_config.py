@@ -42,7 +42,7 @@ def test_every_key_is_in_the_example_with_a_comment():
         elif re.match(r"#? ?[a-z_0-9]+ = ", stripped):
             documented.add(section + stripped.lstrip("# ").split(" =")[0])
             if not stripped.startswith("#"):
-                assert previous.startswith("#") or re.match(r"[a-z_]+ = ", previous), line
+                assert previous.startswith("#") or re.match(r"[a-z_0-9]+ = ", previous), line
         previous = stripped
     assert documented == _model_keys(Config)
 
@@ -89,6 +89,10 @@ def test_relative_paths_follow_the_config_file(tmp_path):
             "server.commit_timeout: Input should be a valid number",
         ),
         ("[server\n", "not valid TOML"),
+        ('[dns]\nlisten_ipv4 = "[::1]:53"\n', "dns.listen_ipv4: needs an IPv4 address"),
+        ('[dns]\nlisten_ipv6 = "127.0.0.1:53"\n', "dns.listen_ipv6: needs an IPv6 address"),
+        ("[dns]\nzones = []\n", "dns: zones: name at least one zone file"),
+        ("[dns.rrl]\nslip = -1\n", "dns.rrl.slip: Input should be greater than"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, expected):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from probe_server.analysis.geo import enrich, geolocate, open_geoip
+from probe_server.analysis.geo import enrich, ensure_schema, geolocate, open_geoip
 from probe_server.cli import main
 from probe_server.config import Config, ConfigError
-from probe_server.store import open_sync
+from probe_server.store import migrations, open_sync
 from probe_server.testing import write_config
 
 from .helpers import T0, Population, asn_db, country_db, teredo
@@ -221,3 +221,25 @@ async def test_emptied_tables_are_filled_again(tmp_path, capsys):
         conn.execute("DELETE FROM ipv6_addresses")
     conn.close()
     assert run_json(capsys, "--db", str(db), "--config", str(config)) == first
+
+
+async def test_a_database_made_with_the_placeholder_gets_the_results_schema(tmp_path, capsys):
+    # Other branches shipped an empty 0004 until this one replaced it: their
+    # databases are at the latest version without the results tables.
+    db = tmp_path / "probe.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    for version, name, script in migrations():
+        if name != "0004_results.sql":
+            conn.executescript(f"BEGIN;\n{script}\nCOMMIT;")
+        conn.execute(f"PRAGMA user_version = {version}")
+    conn.close()
+    await small_population(db, ["198.51.100.7"], ipv6="2601:5::1")
+    country_db(tmp_path / "country.mmdb", US)
+    report = run_json(
+        capsys, "--db", str(db), "--config", str(config_for(tmp_path, country_db="country.mmdb"))
+    )
+    assert report["countries"] == [{"country": "US", "ipv4_addresses": 1, "share": 1.0}]
+    assert report["adoption"]["overall"]["native_ipv6"] == 1
+    conn = open_sync(db)
+    assert ensure_schema(conn) is False  # applied once
+    conn.close()

@@ -15,6 +15,8 @@ import pytest
 
 from probe_server.testing import ServerProcess, write_config
 
+from .conftest import EXAMPLE_ZONES
+
 
 @pytest.fixture
 def config_path(tmp_path: Path) -> Path:
@@ -24,6 +26,11 @@ def config_path(tmp_path: Path) -> Path:
             "server": {"secret_file": "probe.secret", "shutdown_timeout": 5},
             "sites": {"ipv4": {"listen": "127.0.0.1:0"}, "ipv6": {"listen": "[::1]:0"}},
             "database": {"path": "probe.db"},
+            "dns": {
+                "zones": EXAMPLE_ZONES,
+                "listen_ipv4": "127.0.0.1:0",
+                "listen_ipv6": "[::1]:0",
+            },
         },
     )
 
@@ -155,3 +162,35 @@ async def test_port_in_use_is_one_clear_line(tmp_path, config_path):
         first.kill(signal.SIGTERM)
         await first.wait()
         await first.close()
+
+
+async def test_dns_in_the_process_on_every_socket_and_logged_at_sigterm(tmp_path, config_path):
+    import dns.asyncquery
+    import dns.message
+
+    server = ServerProcess(config_path, tmp_path)
+    await server.start()
+    try:
+        for key in ("dns_udp_ipv4", "dns_tcp_ipv4", "dns_udp_ipv6", "dns_tcp_ipv6"):
+            host, _, port = server.endpoints[key].rpartition(":")
+            message = dns.message.make_query(f"{key}.v6.example.org", "AAAA")
+            ask = dns.asyncquery.udp if key.startswith("dns_udp") else dns.asyncquery.tcp
+            reply = await ask(message, host.strip("[]"), port=int(port), timeout=5)
+            assert [rdata.to_text() for rdata in reply.answer[0]] == ["2001:db8::10"]
+        # UDP and TCP share a port per family.
+        assert server.endpoints["dns_udp_ipv4"] == server.endpoints["dns_tcp_ipv4"]
+        assert server.endpoints["dns_udp_ipv6"] == server.endpoints["dns_tcp_ipv6"]
+        server.kill(signal.SIGTERM)
+        assert await server.wait() == 0
+    finally:
+        await server.close()
+    with sqlite3.connect(tmp_path / "probe.db") as conn:
+        rows = conn.execute(
+            "SELECT qname, family, transport, rcode FROM dns_queries ORDER BY id"
+        ).fetchall()
+    assert rows == [
+        ("dns_udp_ipv4.v6.example.org.", "ipv4", "udp", "NOERROR"),
+        ("dns_tcp_ipv4.v6.example.org.", "ipv4", "tcp", "NOERROR"),
+        ("dns_udp_ipv6.v6.example.org.", "ipv6", "udp", "NOERROR"),
+        ("dns_tcp_ipv6.v6.example.org.", "ipv6", "tcp", "NOERROR"),
+    ]

@@ -42,12 +42,12 @@ async def test_concurrent_writes_share_transactions(tmp_path):
 
 async def test_failed_commits_hold_rows_and_catch_up(tmp_path):
     conn = await open_database(tmp_path / "p.db")
-    writer = Writer(conn, retry_min=0.01, retry_max=0.05)
+    writer = Writer(conn, commit_timeout=0.3, retry_min=0.01, retry_max=0.05)
     writer.start()
     # A read-only connection makes every commit fail, as a full disk would.
     await conn.execute("PRAGMA query_only = 1")
     with pytest.raises(NotStored):
-        await writer.write([row(1)], timeout=0.3)
+        await writer.write([row(1)])
     assert writer.stats.errors >= 1 and not writer.healthy
     assert writer.queued_rows == 1
     pending = writer.submit([row(2)])

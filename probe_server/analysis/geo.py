@@ -15,6 +15,7 @@ relay's network, not the client's.
 from __future__ import annotations
 
 import itertools
+import logging
 import socket
 import sqlite3
 import sys
@@ -31,7 +32,10 @@ import maxminddb
 from tqdm import tqdm
 
 from ..config import Config, ConfigError
+from ..store import migrations
 from .addresses import classify
+
+log = logging.getLogger(__name__)
 
 GEOLITE_HINT = (
     "no GeoIP database is configured: countries and networks show as unknown. "
@@ -364,6 +368,25 @@ def forget(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
+RESULTS_SCRIPT = "0004_results.sql"
+
+
+def ensure_schema(conn: sqlite3.Connection) -> bool:
+    """Give the results tables and views to a database that skipped them.
+
+    Schema version 4 was an empty placeholder on other branches until this
+    script replaced it, so a database made then is at version 4 or later
+    without them, and migrating would never apply it. Returns True if it
+    was applied now.
+    """
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'geoip'").fetchone():
+        return False
+    (script,) = [text for _, name, text in migrations() if name == RESULTS_SCRIPT]
+    log.warning("event=results_schema_applied script=%s", RESULTS_SCRIPT)
+    conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nCOMMIT;")
+    return True
+
+
 def enrich(
     conn: sqlite3.Connection,
     geo: GeoIP,
@@ -375,6 +398,7 @@ def enrich(
 
     Returns (IPv6 addresses classified, addresses looked up).
     """
+    ensure_schema(conn)
     if refresh:
         forget(conn)
     classified = classify_new_ipv6(conn)
