@@ -70,7 +70,11 @@ def read_dns_challenges(path: Path) -> list[dns.rrset.RRset]:
         raise ZoneError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     try:
         rrsets = dns.zonefile.read_rrsets(
-            text, default_ttl=CHALLENGE_TTL, origin=dns.name.root, relativize=False
+            text,
+            rdclass=None,
+            default_ttl=CHALLENGE_TTL,
+            origin=dns.name.root,
+            relativize=False,
         )
     except (dns.exception.DNSException, ValueError) as e:
         raise ZoneError(f"{path}: {e}") from None

@@ -25,6 +25,11 @@ _PRIORITY = {
 }
 
 
+# aiosqlite logs every statement with its parameters at DEBUG: worker
+# addresses and tokens, thousands of lines a second. Never below INFO.
+QUIET_LOGGERS = ("aiosqlite",)
+
+
 def _one_line(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
@@ -75,6 +80,8 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -97,14 +97,18 @@ def read_certificate(path: Path) -> CertificateInfo:
 
 def load_context(cert: Path, key: Path) -> ssl.SSLContext:
     """A server context for one certificate chain and its key (checked to match)."""
+    for path in (cert, key):
+        # OpenSSL's own errors don't say which file is missing.
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as e:
+            reason = "no such file" if isinstance(e, FileNotFoundError) else e.strerror
+            raise TlsError(f"{path}: {reason}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(cert, key)
-    except FileNotFoundError as e:
-        raise TlsError(f"{e.filename}: no such file") from None
-    except PermissionError as e:
-        raise TlsError(f"{e.filename}: permission denied") from None
     except ssl.SSLError as e:
         # OpenSSL's reason ("KEY_VALUES_MISMATCH", "PEM lib"), never file contents.
         reason = e.reason or e.strerror or type(e).__name__

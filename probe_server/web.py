@@ -293,9 +293,6 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     route_handler = request.match_info.handler
     allowed = getattr(route_handler, "sites", None)
     try:
-        if allowed is not None and site not in allowed:
-            probe.kind = "wrong-site"
-            raise web.HTTPMisdirectedRequest(text="421: this path is served on the other site\n")
         if (
             request.scheme == "http"
             and site in request.app[https_sites_key]
@@ -304,6 +301,9 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
             # The plain-HTTP socket of a TLS site: only ACME is served here.
             probe.kind = "redirect"
             raise web.HTTPPermanentRedirect(request.app[base_urls_key][site] + request.raw_path)
+        if allowed is not None and site not in allowed:
+            probe.kind = "wrong-site"
+            raise web.HTTPMisdirectedRequest(text="421: this path is served on the other site\n")
         response = await handler(request)
     except web.HTTPException as exc:
         response = exc
