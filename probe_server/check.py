@@ -40,7 +40,9 @@ from .zone import NXDOMAIN, TYPE_A, TYPE_AAAA, TYPE_NS, Authority, Name, Zone, r
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 SITES = (("ipv4", 4), ("ipv6", 6))
-# certbot renews 30 days before expiry: fewer days left means renewal is broken.
+# certbot renews 90-day certificates 30 days before expiry: fewer than 14
+# days left means renewal is broken (a sixth of the lifetime for short-lived
+# ones, such as Let's Encrypt's 6-day IP-address certificates).
 MIN_DAYS_LEFT = 14
 MAXMIND_MARKER = b"\xab\xcd\xefMaxMind.com"
 # A label no zone holds: answers for it show what a per-session name gets.
@@ -384,12 +386,15 @@ class Checker:
                 continue
             problems = []
             days = info.days_left(now)
+            lifetime = (info.not_after - info.not_before).total_seconds() / 86400
             if info.not_before > now:
                 problems.append(f"not valid before {info.not_before:%Y-%m-%d %H:%M}Z")
             if days <= 0:
                 problems.append(f"expired on {info.not_after:%Y-%m-%d}")
-            elif days < MIN_DAYS_LEFT:
-                problems.append(f"expires in {days:.0f} days: is renewal working?")
+            elif days < min(MIN_DAYS_LEFT, lifetime / 6):
+                problems.append(
+                    f"expires in {days:.0f} days (of {lifetime:.0f}): is renewal working?"
+                )
             if info.self_signed:
                 problems.append(f"self-signed ({info.subject}): browsers will refuse it")
             host = _site_host(site)
@@ -691,5 +696,5 @@ def check_geoip_file(path: Path, now: datetime) -> tuple[str, str]:
         return FAIL, f"{path}: {e.strerror}"
     if MAXMIND_MARKER not in tail:
         return FAIL, f"{path}: not a MaxMind database (no metadata marker)"
-    age = (now - modified).total_seconds() / 86400
+    age = max(0.0, (now - modified).total_seconds() / 86400)
     return PASS, f"{path}: MaxMind database, {size // 1024} KiB, updated {age:.0f} days ago"
