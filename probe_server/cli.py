@@ -67,13 +67,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _resolver(value: str) -> tuple[str, int]:
-    """``8.8.8.8``, ``2001:db8::1``, ``127.0.0.1:5353`` or ``[::1]:5353``."""
+    """``9.9.9.9``, ``2001:db8::1``, ``127.0.0.1:5353`` or ``[::1]:5353`` (port 53 by default)."""
+    if not value.startswith("[") and value.count(":") != 1:
+        value = f"[{value}]:53" if ":" in value else f"{value}:53"
     try:
-        return (
-            parse_endpoint(value)
-            if value.startswith("[") or value.count(":") == 1
-            else (parse_endpoint(f"[{value}]:53" if ":" in value else f"{value}:53"))
-        )
+        return parse_endpoint(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

@@ -95,9 +95,6 @@ class SiteConfig(_Model):
             raise ValueError("http_listen redirects to HTTPS: it needs tls_cert and tls_key")
         return self
 
-    def endpoints(self) -> list[str]:
-        return [self.listen] + ([self.http_listen] if self.http_listen else [])
-
 
 def _site_family(site: SiteConfig, version: int) -> SiteConfig:
     for key, endpoint in (("listen", site.listen), ("http_listen", site.http_listen)):

@@ -24,6 +24,8 @@ templates_key = web.AppKey("templates", jinja2.Environment)
 base_urls_key = web.AppKey("base_urls", dict[str, str])
 # The DNS listeners, when DNS is enabled.
 dns_key = web.AppKey("dns", DnsServer)
+# Sites with TLS: on their plain-HTTP sockets, everything but ACME is redirected.
+https_sites_key = web.AppKey("https_sites", frozenset[str])
 # Counters for the admin listener's metrics.
 metrics_key = web.AppKey("metrics", Metrics)
 # Reloaded on SIGHUP after the certificates and zones: (name, hook) pairs that

@@ -34,6 +34,7 @@ from .keys import (
     base_urls_key,
     config_key,
     dns_key,
+    https_sites_key,
     metrics_key,
     reader_key,
     reload_hooks_key,
@@ -85,8 +86,6 @@ class Probe:
 
 
 probe_key = web.RequestKey("probe", Probe)
-# Sites with TLS: on their plain-HTTP sockets, everything but ACME is redirected.
-https_sites_key = web.AppKey("https_sites", frozenset[str])
 
 
 def on_sites(*sites: str) -> Callable[[Handler], Handler]:

@@ -238,6 +238,14 @@ def test_each_breakage_fails_its_check(deployment, capsys, breakage):
     assert out.splitlines()[-1].endswith("checks FAILED")
 
 
+def test_a_short_lived_certificate_is_judged_by_its_lifetime(deployment, capsys):
+    # A 6-day certificate (Let's Encrypt's short-lived profile) with 2 days left.
+    deployment.ca.issue("probe", NAMES, starts=-4, days=2)
+    assert main(["check", "--config", str(deployment.write())]) == 0
+    out = capsys.readouterr().out
+    assert "PASS tls ipv4" in out and "2 days left" in out
+
+
 def test_a_busy_port_names_the_process_holding_it(deployment, capsys):
     config = deployment.write()
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as busy:
