@@ -29,6 +29,11 @@ format: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
+# The namespace lab (root): real server, our DNS, Chromium clients of every kind.
+# Also refreshes the screenshots in docs/.
+lab: $(STAMP)
+	PROBE_LAB_SCREENSHOTS=docs $(BIN)/pytest -m lab -v tests/test_lab.py
+
 bench: $(STAMP)
 	$(BIN)/python bench/http_probe.py
 

@@ -107,6 +107,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .mturk import cli as mturk_cli
+
     parser = argparse.ArgumentParser(
         prog="probe-server", description="Crowdsourced IPv4/IPv6 measurement server."
     )
@@ -114,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="default: [logging] level of the config, INFO without one",
+        help="default: the config's [logging] level for serve (INFO without one), INFO for"
+        " fake-mturk, WARNING for hits (its output is for people)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -153,13 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", metavar="SECONDS", type=float, default=5.0, help="per DNS question"
     )
     check_parser.set_defaults(func=cmd_check)
+    mturk_cli.add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level or "INFO")
+    setup_logging(args.log_level or getattr(args, "default_log_level", "INFO"))
     try:
         result: int = args.func(args)
     except ConfigError as e:

@@ -265,6 +265,35 @@ class LoggingConfig(_Model):
     format: Literal["text", "journal", "json"] = "text"
 
 
+def _rehearsal_site(value: str) -> str:
+    """A loopback origin such as ``http://127.0.0.1:8765``, canonical form."""
+    parts = urlsplit(value)
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or host is None:
+        raise ValueError(f"expected an origin such as http://127.0.0.1:8765, got {value!r}")
+    if parts.username or parts.password or parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"expected an origin (scheme, host, port) only, got {value!r}")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    # Only the rehearsal's own machine: this list can never turn the answer
+    # page into a redirect to some other site.
+    if not loopback:
+        raise ValueError(f"only loopback worker sites may be added, got {value!r}")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+RehearsalSite = Annotated[str, AfterValidator(_rehearsal_site)]
+
+
+class MTurkConfig(_Model):
+    # Worker sites accepted as turkSubmitTo besides MTurk's own (production
+    # and sandbox): loopback origins of `probe-server fake-mturk`, for
+    # rehearsals only. Empty in production.
+    rehearsal_worker_sites: tuple[RehearsalSite, ...] = ()
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     sites: SitesConfig = SitesConfig()
@@ -273,6 +302,7 @@ class Config(_Model):
     dns: DnsConfig = DnsConfig()
     admin: AdminConfig = AdminConfig()
     logging: LoggingConfig = LoggingConfig()
+    mturk: MTurkConfig = MTurkConfig()
     # Where the file was read from (None for the built-in demo config).
     source: Path | None = None
 
@@ -289,7 +319,7 @@ def demo_config() -> Config:
     return Config()
 
 
-def _describe(error: ValidationError, prefix: str) -> str:
+def describe_error(error: ValidationError, prefix: str) -> str:
     first = error.errors()[0]
     location = ".".join(str(part) for part in first["loc"])
     message = first["msg"]
@@ -319,4 +349,4 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     try:
         return Config.model_validate({**data, "source": path.resolve()})
     except ValidationError as e:
-        raise ConfigError(_describe(e, f"{path}: ")) from None
+        raise ConfigError(describe_error(e, f"{path}: ")) from None

@@ -341,9 +341,13 @@ class Responder:
         version = (opt.ttl >> 16) & 0xFF if opt is not None else None
         udp = opt.rclass if opt is not None else None
         edns = 0 if opt is None else (2 if opt.ttl & 0x8000 else 1)
+        if record.header.opcode != 0:
+            # Only QUERY is implemented. Other opcodes lay out their sections
+            # differently (an UPDATE's first section is the zone, which must
+            # be an SOA), so nothing is echoed: echoing a section we do not
+            # understand can make the reply itself malformed for the client.
+            return self.error(data, NOTIMP, edns=edns, version=version, udp=udp)
         if len(record.questions) != 1:
-            if record.header.opcode != 0:
-                return self.error(data, NOTIMP, edns=edns, version=version, udp=udp)
             return self.error(data, FORMERR, edns=edns, version=version, udp=udp)
         q = record.questions[0]
         labels = tuple(q.qname.label)
@@ -354,8 +358,6 @@ class Responder:
             return self.error(data, FORMERR)
         question = wire + struct.pack("!HH", q.qtype, q.qclass)
         context = {"question": question, "edns": edns, "version": version, "udp": udp}
-        if record.header.opcode != 0:
-            return self.error(data, NOTIMP, **context)  # type: ignore[arg-type]
         if version:
             return self.error(data, BADVERS, **context)  # type: ignore[arg-type]
         if q.qclass != 1:

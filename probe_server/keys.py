@@ -32,3 +32,7 @@ metrics_key = web.AppKey("metrics", Metrics)
 # a resource's cleanup_ctx appends. A hook raises to say it kept its old state.
 ReloadHook = Callable[[], Awaitable[None]]
 reload_hooks_key = web.AppKey("reload_hooks", list[tuple[str, ReloadHook]])
+# Origins accepted as turkSubmitTo: MTurk's worker sites and any rehearsal sites.
+worker_sites_key = web.AppKey("worker_sites", tuple[str, ...])
+# The Content-Security-Policy of every page (framing and form targets).
+csp_key = web.AppKey("csp", str)

@@ -25,9 +25,18 @@ _PRIORITY = {
 }
 
 
-# aiosqlite logs every statement with its parameters at DEBUG: worker
-# addresses and tokens, thousands of lines a second. Never below INFO.
-QUIET_LOGGERS = ("aiosqlite",)
+# Other libraries' loggers, and the lowest level each may log at, whatever
+# the configured level: aiosqlite logs every statement with its parameters
+# at DEBUG (worker addresses, tokens), botocore each request's headers (the
+# AWS access key id among them).
+QUIET_LOGGERS = {
+    "aiosqlite": logging.INFO,
+    "botocore": logging.WARNING,
+    "aiobotocore": logging.WARNING,
+    "aioboto3": logging.WARNING,
+    "boto3": logging.WARNING,
+    "urllib3": logging.WARNING,
+}
 
 
 def _one_line(text: str) -> str:
@@ -80,8 +89,8 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))
+    for name, lowest in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(lowest, logging.getLevelName(level)))
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -10,13 +10,30 @@ import functools
 import ipaddress
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 # MTurk shows a HIT's preview with this assignment id; the worker has not
 # accepted the HIT and cannot submit it.
 PREVIEW_ASSIGNMENT = "ASSIGNMENT_ID_NOT_AVAILABLE"
 MTURK_PARAMS = ("assignmentId", "hitId", "workerId", "turkSubmitTo")
+# MTurk's worker sites as turkSubmitTo names them: production (the classic
+# and the newer host) and the sandbox. The answer page posts to
+# {turkSubmitTo}/mturk/externalSubmit, so no other value may ever be used:
+# the page would become an open redirect.
+MTURK_WORKER_SITES = (
+    "https://www.mturk.com",
+    "https://worker.mturk.com",
+    "https://workersandbox.mturk.com",
+)
+# Sites that show the survey in their frame: the worker sites, and the
+# requester sites where a requester previews their own HIT.
+MTURK_FRAMING_SITES = (
+    *MTURK_WORKER_SITES,
+    "https://requester.mturk.com",
+    "https://requestersandbox.mturk.com",
+)
+EXTERNAL_SUBMIT_PATH = "/mturk/externalSubmit"
 
 _ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 _BATCH = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -52,13 +69,38 @@ class Visit:
         return self.kind == "preview"
 
 
-def parse_visit(query: Mapping[str, str], default_batch: str = "") -> Visit:
+def worker_site(value: str, allowed: Collection[str] = MTURK_WORKER_SITES) -> str | None:
+    """The allowed origin that ``value`` names exactly, else None.
+
+    An exact comparison (letter case and one trailing slash aside), never a
+    prefix or suffix match: ``https://www.mturk.com.example``,
+    ``https://www.mturk.com@example.org`` and ``//example.org`` are refused.
+    The caller uses the returned constant, never the raw parameter.
+    """
+    candidate = (value[:-1] if value.endswith("/") else value).lower()
+    for origin in allowed:
+        if candidate == origin:
+            return origin
+    return None
+
+
+def external_submit_url(site: str) -> str:
+    """Where the answers go: MTurk's externalSubmit on the worker's site."""
+    return site + EXTERNAL_SUBMIT_PATH
+
+
+def parse_visit(
+    query: Mapping[str, str],
+    default_batch: str = "",
+    worker_sites: Collection[str] = MTURK_WORKER_SITES,
+) -> Visit:
     """Classify a survey visit from MTurk's query parameters.
 
     MTurk appends assignmentId, hitId, workerId and turkSubmitTo to the
     ExternalURL; in a preview assignmentId is ASSIGNMENT_ID_NOT_AVAILABLE and
     there is no workerId. Without assignmentId the visit is direct (the demo,
-    a test, a link shared outside MTurk).
+    a test, a link shared outside MTurk). turkSubmitTo must name one of
+    ``worker_sites`` and is kept as that site's canonical origin.
     """
     values: dict[str, str | None] = {}
     for name in ("assignmentId", "hitId", "workerId"):
@@ -67,8 +109,10 @@ def parse_visit(query: Mapping[str, str], default_batch: str = "") -> Visit:
             raise BadInput(f"{name} is malformed")
         values[name] = value
     submit_to = query.get("turkSubmitTo")
-    if submit_to is not None and (len(submit_to) > 200 or not submit_to.isprintable()):
-        raise BadInput("turkSubmitTo is malformed")
+    if submit_to is not None:
+        submit_to = worker_site(submit_to, worker_sites)
+        if submit_to is None:
+            raise BadInput("turkSubmitTo is not an MTurk worker site")
     batch = query.get("batch", default_batch)
     if batch and not _BATCH.fullmatch(batch):
         raise BadInput("batch is malformed")

@@ -33,6 +33,7 @@ from .dnsserver import DnsServer
 from .keys import (
     base_urls_key,
     config_key,
+    csp_key,
     dns_key,
     https_sites_key,
     metrics_key,
@@ -41,6 +42,7 @@ from .keys import (
     secret_key,
     templates_key,
     verifier_key,
+    worker_sites_key,
     writer_key,
 )
 from .metrics import Metrics
@@ -116,9 +118,24 @@ def _no_store(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
+def content_security_policy(worker_sites: tuple[str, ...]) -> str:
+    """Who may frame our pages and where their forms may post.
+
+    MTurk shows the survey in an iframe on its worker site, so there is no
+    X-Frame-Options (it would blank the HIT) and frame-ancestors names
+    MTurk's sites instead. form-action limits form posts to this site and
+    the worker sites' externalSubmit: even a bug in the turkSubmitTo check
+    could not make a browser post answers elsewhere.
+    """
+    framing = " ".join(("'self'", *survey.MTURK_FRAMING_SITES, *worker_sites))
+    forms = " ".join(dict.fromkeys(("'self'", *worker_sites)))
+    return f"frame-ancestors {' '.join(dict.fromkeys(framing.split()))}; form-action {forms}"
+
+
 def _page(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
     html = request.app[templates_key].get_template(template).render(**context)
     response = web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+    response.headers["Content-Security-Policy"] = request.app[csp_key]
     _no_store(response)
     return response
 
@@ -136,7 +153,8 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
     probe = request[probe_key]
     probe.kind = "survey"
     try:
-        visit = survey.parse_visit(request.query, config.survey.batch)
+        worker_sites: tuple[str, ...] = request.app[worker_sites_key]
+        visit = survey.parse_visit(request.query, config.survey.batch, worker_sites)
     except survey.BadInput as e:
         return _bad_request(request, str(e))
     token = new_token(request.app[secret_key])
@@ -171,7 +189,6 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
         visit=visit,
         red_urls=survey.ball_urls(base_urls[IPV4], "red", token, red, address),
         blue_urls=survey.ball_urls(base_urls[IPV6], "blue", token, blue, address),
-        ball_size=images.BALL_SIZE,
     )
 
 
@@ -221,19 +238,42 @@ async def submit(request: web.Request) -> web.StreamResponse:
     except survey.BadInput as e:
         return _bad_request(request, str(e))
     async with request.app[reader_key].execute(
-        "SELECT red_count FROM sessions WHERE token = ?", (token,)
+        "SELECT red_count, visit, assignment_id, turk_submit_to FROM sessions WHERE token = ?",
+        (token,),
     ) as cursor:
         session = await cursor.fetchone()
     if session is None:
         return _bad_request(request, "this survey session is unknown; please reload the page")
+    red_count, visit, assignment_id, turk_submit_to = session
+    if visit == "preview":
+        return _bad_request(
+            request, "this is a preview of the HIT: accept the HIT on MTurk, then answer"
+        )
     probe.durable = True
     probe.rows.append(
         (
             INSERT_ANSWER,
-            (token, time.time(), probe.addr, answer.red, answer.blue, answer.red == session[0]),
+            (token, time.time(), probe.addr, answer.red, answer.blue, answer.red == red_count),
         )
     )
-    return _page(request, "thanks.html")
+    # The record middleware answers only once the answer row is committed:
+    # the browser hands the answer on to MTurk only after we have stored it.
+    site = None
+    if visit == "accepted" and assignment_id and turk_submit_to:
+        # Checked again: the session may predate a change of the allowed sites.
+        worker_sites: tuple[str, ...] = request.app[worker_sites_key]
+        site = survey.worker_site(turk_submit_to, worker_sites)
+    if site is None:
+        return _page(request, "thanks.html")
+    return _page(
+        request,
+        "handoff.html",
+        submit_url=survey.external_submit_url(site),
+        assignment_id=assignment_id,
+        # Everything but assignmentId becomes an answer in MTurk's
+        # QuestionFormAnswers; the token lets review find the session.
+        fields=[("token", token), ("red", str(answer.red)), ("blue", str(answer.blue))],
+    )
 
 
 # -- both sites ----------------------------------------------------------------
@@ -397,6 +437,14 @@ def create_app(
         if site.tls_cert is not None
     )
     app[base_urls_key] = base_urls
+    worker_sites = (*survey.MTURK_WORKER_SITES, *config.mturk.rehearsal_worker_sites)
+    app[worker_sites_key] = worker_sites
+    app[csp_key] = content_security_policy(worker_sites)
+    if config.mturk.rehearsal_worker_sites:
+        log.warning(
+            "event=rehearsal_worker_sites sites=%s (answers may be handed to these)",
+            ",".join(config.mturk.rehearsal_worker_sites),
+        )
     app[secret_key] = secret
     app[verifier_key] = TokenVerifier(secret)
     app[templates_key] = jinja2.Environment(

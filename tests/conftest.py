@@ -1,8 +1,11 @@
-"""Shared fixtures: configs on port 0, an in-process server on real sockets."""
+"""Shared fixtures: configs on port 0, an in-process server on real sockets,
+a fake MTurk, and a guard that keeps every AWS call on loopback."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,54 @@ import aiohttp
 import pytest
 
 from probe_server.config import Config
+from probe_server.mturk.fake import FakeMTurk, FakeServer
 from probe_server.server import ProbeServer
+
+from .rehearsal import Rehearsal, run_rehearsal
+
+# Nothing listens on the discard port of loopback: an MTurk (or any AWS)
+# client that is not pointed at the fake fails here at once.
+DEAD_ENDPOINT = "http://127.0.0.1:9"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_real_aws() -> Iterator[None]:
+    """Dummy credentials only, and no AWS endpoint but loopback.
+
+    AWS's standard endpoint variables send every client that is not given
+    an endpoint_url (the fake's) to a closed loopback port: botocore honours
+    them for any service, probe-server for the MTurk sandbox too. No
+    credentials, config or instance metadata of the machine are read.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith("AWS_"):
+                patch.delenv(name)
+        patch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTONLYNOTREAL")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "test-only-not-a-real-secret")
+        patch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        patch.setenv("AWS_ENDPOINT_URL", DEAD_ENDPOINT)
+        patch.setenv("AWS_ENDPOINT_URL_MTURK", DEAD_ENDPOINT)
+        yield
+
+
+@pytest.fixture
+async def fake_mturk() -> AsyncIterator[FakeServer]:
+    """A fake MTurk on a loopback port: its ``url`` is endpoint_url and worker site.
+
+    Its clock stands still until a test moves it (``fake.fake.advance``), so
+    MTurk's times in a test are exact.
+    """
+    start = time.time()
+    server = FakeServer(FakeMTurk(clock=lambda: start))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
 
 MakeConfig = Callable[..., Config]
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,3 +133,21 @@ def db(tmp_path: Path) -> Iterator[Callable[..., list[sqlite3.Row]]]:
     yield query
     for conn in connections:
         conn.close()
+
+
+@pytest.fixture
+async def rehearsal(
+    tmp_path: Path, make_config: MakeConfig, fake_mturk: FakeServer
+) -> AsyncIterator[Rehearsal]:
+    """A whole experiment run against the fake MTurk (see tests/rehearsal.py).
+
+    The probe server keeps running until the test ends; ``rehearsal.db_path``
+    is its database, ``rehearsal.workers`` what was simulated.
+    """
+    config = make_config(mturk={"rehearsal_worker_sites": [fake_mturk.url]})
+    server = ProbeServer(config)
+    await server.start()
+    try:
+        yield await run_rehearsal(tmp_path, server, fake_mturk)
+    finally:
+        await server.stop()

@@ -1,0 +1,476 @@
+"""The requester workflow (API and CLI) against the fake MTurk."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import io
+import json
+import logging
+import os
+import sqlite3
+import struct
+import sys
+import termios
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import BotoCoreError
+
+from probe_server.cli import main
+from probe_server.mturk.experiment import load_experiment
+from probe_server.mturk.requester import (
+    SessionFacts,
+    Target,
+    account_balance,
+    decide,
+    mturk_client,
+    open_requester,
+    request_token,
+)
+
+EXPERIMENT = """\
+name = "exp"
+title = "Count the balls"
+description = "Count them."
+external_url = "https://survey.example.org/"
+database = "probe.db"
+"""
+
+
+def write_experiment(tmp_path: Path, *batches: str) -> Path:
+    path = tmp_path / "experiment.toml"
+    text = EXPERIMENT
+    for batch in batches or ('name = "b1"\nreward = "0.05"\nassignments = 3\ncountries = ["US"]',):
+        text += f"\n[[batches]]\n{batch}\n"
+    path.write_text(text)
+    return path
+
+
+async def cli(*argv: str, stdin: io.StringIO | None = None) -> tuple[int, str, str]:
+    """Run ``probe-server`` in a thread (it runs its own loop), capturing output."""
+    out, err = io.StringIO(), io.StringIO()
+    old_stdin = sys.stdin
+    if stdin is not None:
+        sys.stdin = stdin
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = await asyncio.to_thread(main, list(argv))
+    finally:
+        sys.stdin = old_stdin
+    return status, out.getvalue(), err.getvalue()
+
+
+class Terminal(io.StringIO):
+    """Typed answers, on what claims to be a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def rows(tmp_path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(tmp_path / "probe.db")) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+# -- publish -------------------------------------------------------------------------
+
+
+async def test_publish_twice_creates_nothing_new(tmp_path, fake_mturk):
+    path = write_experiment(
+        tmp_path,
+        'name = "us"\nreward = "0.05"\nassignments = 3\ncountries = ["US"]',
+        'name = "in"\nreward = "0.10"\nassignments = 2\ncountries = ["IN"]\n'
+        "exclude_other_batches = true",
+    )
+    status, out, err = await cli("hits", "publish", str(path), "--endpoint-url", fake_mturk.url)
+    assert status == 0, out
+    assert "Published 2 new HITs" in out
+    assert "publishing" not in err  # no progress bar where there is no terminal
+    fake = fake_mturk.fake
+    first = sorted(fake.hits)
+    recorded = rows(tmp_path, "SELECT hit_id, batch, hit_index, sandbox FROM hits ORDER BY batch")
+    status, out, _ = await cli("hits", "publish", str(path), "--endpoint-url", fake_mturk.url)
+    assert status == 0 and "Nothing to publish" in out
+    assert sorted(fake.hits) == first
+    assert fake.calls.count("CreateHIT") == 2
+    assert fake.calls.count("CreateQualificationType") == 2
+    assert rows(tmp_path, "SELECT hit_id, batch, hit_index, sandbox FROM hits ORDER BY batch") == (
+        recorded
+    )
+    batches = rows(
+        tmp_path, "SELECT name, reward, countries, assignments, sandbox, published FROM batches"
+    )
+    created = {h.annotation.split("/")[1]: h.created for h in fake.hits.values() if h.annotation}
+    assert [b[:5] for b in sorted(batches)] == [
+        ("in", "0.10", "IN", 2, 1),
+        ("us", "0.05", "US", 3, 1),
+    ]
+    for name, *_, published in batches:
+        assert published == pytest.approx(created[name], abs=1e-5)
+    # The "in" batch keeps out workers of "us"; "us" excludes nobody.
+    by_batch = {h.annotation.split("/")[1]: h for h in fake.hits.values() if h.annotation}
+    (qual,) = rows(
+        tmp_path, "SELECT qualification_type_id FROM batch_qualifications WHERE batch = 'us'"
+    )
+    assert {
+        "QualificationTypeId": qual[0],
+        "Comparator": "DoesNotExist",
+        "ActionsGuarded": "Accept",
+    } in (by_batch["in"].requirements)
+    assert [r["Comparator"] for r in by_batch["us"].requirements] == ["EqualTo"]
+    assert by_batch["us"].reward == "0.05" and by_batch["us"].max_assignments == 3
+
+
+async def test_publish_recovers_a_hit_created_before_a_crash(tmp_path, fake_mturk):
+    """MTurk created the HIT but the run died before recording it: the
+    UniqueRequestToken makes the next run find it instead of paying twice."""
+    experiment = load_experiment(write_experiment(tmp_path))
+    target = Target(endpoint_url=fake_mturk.url)
+    async with open_requester(experiment, target) as requester:
+        (hit,) = await requester.publish(await requester.plan())
+        assert hit.created
+    assert fake_mturk.fake.request_tokens == {request_token("exp", "b1", 0): hit.hit_id}
+    with contextlib.closing(sqlite3.connect(tmp_path / "probe.db")) as conn, conn:
+        conn.execute("DELETE FROM hits")
+    async with open_requester(experiment, target) as requester:
+        plan = await requester.plan()
+        assert plan.new_hits == 1
+        (again,) = await requester.publish(plan)
+    assert (again.hit_id, again.created) == (hit.hit_id, False)
+    assert len(fake_mturk.fake.hits) == 1
+    assert rows(tmp_path, "SELECT hit_id FROM hits") == [(hit.hit_id,)]
+
+
+async def test_changed_batch_or_other_site_is_refused(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path)
+    assert (await cli("hits", "publish", str(path), "--endpoint-url", fake_mturk.url))[0] == 0
+    path.write_text(path.read_text().replace('"0.05"', '"0.06"'))
+    status, _, err = await cli("hits", "publish", str(path), "--endpoint-url", fake_mturk.url)
+    assert status == 1 and "give a changed batch a new name" in err
+    path.write_text(path.read_text().replace('"0.06"', '"0.05"'))
+    status, _, err = await cli(
+        "hits", "publish", str(path), "--endpoint-url", fake_mturk.url, "--live", "--yes"
+    )
+    assert status == 1 and "published in the sandbox in this database" in err
+    assert fake_mturk.fake.calls.count("CreateHIT") == 1
+
+
+# -- live: cost and confirmation ------------------------------------------------------------
+
+
+LARGE = 'name = "big"\nreward = "0.05"\nassignments = 20\ncountries = ["US"]'
+
+
+async def test_live_publish_refuses_without_confirmation(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path, LARGE)
+    args = ("hits", "publish", str(path), "--live", "--endpoint-url", fake_mturk.url)
+    # Not a terminal and no --yes: nothing is created.
+    status, out, err = await cli(*args, stdin=io.StringIO("yes\n"))
+    assert status == 3 and "needs a yes on a terminal, or --yes" in err
+    # The cost was shown first: 20 x ($0.05 + 40%) = $1.40; split: $1.20.
+    assert "$1.40" in out and "40%" in out and "$1.20" in out
+    # On a terminal, answering no (twice: to the split, then to publishing).
+    status, out, _ = await cli(*args, stdin=Terminal("n\nno\n"))
+    assert status == 3
+    # On a terminal with nothing typed.
+    status, _, _ = await cli(*args, stdin=Terminal(""))
+    assert status == 3
+    assert "CreateHIT" not in fake_mturk.fake.calls
+    assert "CreateQualificationType" not in fake_mturk.fake.calls
+    assert not fake_mturk.fake.hits
+
+
+async def test_live_publish_on_terminal_confirmation_with_split(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path, LARGE)
+    args = ("hits", "publish", str(path), "--live", "--endpoint-url", fake_mturk.url)
+    status, out, _ = await cli(*args, stdin=Terminal("y\nyes\n"))
+    assert status == 0, out
+    assert "Account balance: $10000.00" in out
+    sizes = sorted(h.max_assignments for h in fake_mturk.fake.hits.values())
+    assert sizes == [6, 7, 7]
+    # Split HITs keep each worker to one of them: they exclude their own batch.
+    (qual,) = rows(tmp_path, "SELECT qualification_type_id FROM batch_qualifications")
+    for hit in fake_mturk.fake.hits.values():
+        assert hit.requirements[-1]["QualificationTypeId"] == qual[0]
+        assert hit.requirements[-1]["Comparator"] == "DoesNotExist"
+    assert rows(tmp_path, "SELECT sandbox, hit_size FROM batches") == [(0, 7)]
+
+
+async def test_live_publish_with_yes_for_scripts(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path, LARGE)
+    status, out, _ = await cli(
+        "hits", "publish", str(path), "--live", "--yes", "--endpoint-url", fake_mturk.url
+    )
+    assert status == 0, out
+    assert [h.max_assignments for h in fake_mturk.fake.hits.values()] == [20]
+    status, out, _ = await cli(
+        "hits", "publish", str(path), "--live", "--yes", "--endpoint-url", fake_mturk.url
+    )
+    assert status == 0 and "Nothing to publish" in out
+
+
+async def test_split_flag_in_the_sandbox(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path, LARGE)
+    status, out, _ = await cli(
+        "hits", "publish", str(path), "--split", "--endpoint-url", fake_mturk.url
+    )
+    assert status == 0 and "3 x" not in out
+    assert sorted(h.max_assignments for h in fake_mturk.fake.hits.values()) == [6, 7, 7]
+
+
+async def test_progress_shows_on_a_terminal(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path)
+    main_fd, terminal = os.openpty()
+    # A terminal of 24 x 80: tqdm draws nothing on one of no size.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "probe_server",
+            "hits",
+            "publish",
+            str(path),
+            "--endpoint-url",
+            fake_mturk.url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=terminal,
+        )
+    finally:
+        os.close(terminal)
+    out, _ = await process.communicate()
+    assert process.returncode == 0, out
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main_fd)
+    assert b"publishing" in shown and b"HIT" in shown
+
+
+# -- credentials ---------------------------------------------------------------------
+
+
+async def test_credentials_are_never_printed_or_logged(tmp_path, fake_mturk, monkeypatch, caplog):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAMARKERKEYID12345")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "marker-secret-value")
+    caplog.set_level(logging.DEBUG)
+    path = write_experiment(tmp_path)
+    outputs = []
+    for argv in (
+        ("hits", "publish", str(path)),
+        ("hits", "sync", str(path)),
+        ("hits", "status", str(path)),
+        ("hits", "balance"),
+    ):
+        status, out, err = await cli(
+            "--log-level", "DEBUG", *argv, "--endpoint-url", fake_mturk.url
+        )
+        assert status == 0, err
+        outputs += [out, err]
+    text = "\n".join([*outputs, caplog.text])
+    assert "AKIAMARKERKEYID12345" not in text and "marker-secret-value" not in text
+    assert "Credential=" not in text
+
+
+async def test_tests_cannot_reach_a_real_endpoint():
+    """conftest points AWS's endpoint variables at a closed loopback port."""
+    for target in (Target(), Target(live=True)):
+        assert target.url == "http://127.0.0.1:9" and target.custom
+        async with mturk_client(target, attempts=1) as client:
+            with pytest.raises(BotoCoreError, match=r"127\.0\.0\.1:9"):
+                await account_balance(client)
+
+
+def test_default_endpoints(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_MTURK")
+    assert Target().url == "https://mturk-requester-sandbox.us-east-1.amazonaws.com"
+    assert Target(live=True).url == "https://mturk-requester.us-east-1.amazonaws.com"
+    assert not Target().custom
+    assert Target(endpoint_url="http://127.0.0.1:1").url == "http://127.0.0.1:1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_MTURK", "http://127.0.0.1:2")
+    assert Target(live=True).url == "http://127.0.0.1:2"
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
+    assert Target(live=True).url == "https://mturk-requester.us-east-1.amazonaws.com"
+
+
+async def test_balance_command(fake_mturk):
+    status, out, _ = await cli("hits", "balance", "--endpoint-url", fake_mturk.url)
+    assert status == 0 and "$10000.00" in out and "sandbox" in out
+
+
+# -- sync, review, status, expire -------------------------------------------------------
+
+
+def submit(fake, hit_id: str, worker_id: str, **answers: str) -> str:
+    worker = fake.worker(worker_id, "US")
+    assignment, _ = fake.accept(hit_id, worker)
+    fake.external_submit([("assignmentId", assignment.assignment_id), *answers.items()])
+    return assignment.assignment_id
+
+
+async def test_sync_reads_more_than_one_page(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path, 'name = "many"\nreward = "0.05"\nassignments = 130')
+    assert (await cli("hits", "publish", str(path), "--endpoint-url", fake_mturk.url))[0] == 0
+    fake = fake_mturk.fake
+    (hit_id,) = fake.hits
+    for i in range(120):
+        submit(fake, hit_id, f"AWORKER{i:03d}", red=str(i % 4 + 1), token=f"t{i}")
+    status, out, _ = await cli("hits", "sync", str(path), "--endpoint-url", fake_mturk.url)
+    assert status == 0 and "Synced 120 assignments (120 new)" in out
+    # botocore's paginator followed MTurk's NextToken: 100 + 20.
+    assert fake.calls.count("ListAssignmentsForHIT") == 2
+    assert rows(tmp_path, "SELECT count(*), count(DISTINCT worker_id) FROM assignments") == [
+        (120, 120)
+    ]
+    (answers,) = rows(tmp_path, "SELECT answers FROM assignments WHERE worker_id = 'AWORKER007'")[0]
+    assert json.loads(answers) == {"red": "4", "token": "t7"}
+    assert rows(tmp_path, "SELECT count(*) FROM qualification_grants") == [(120,)]
+    # A second sync refreshes; it grants nobody twice.
+    status, out, _ = await cli("hits", "sync", str(path), "--endpoint-url", fake_mturk.url)
+    assert "(0 new)" in out and "to 0 more workers" in out
+    assert fake.calls.count("AssociateQualificationWithWorker") == 120
+
+
+async def test_small_pages_through_the_api(tmp_path, fake_mturk):
+    experiment = load_experiment(write_experiment(tmp_path))
+    async with open_requester(
+        experiment, Target(endpoint_url=fake_mturk.url), page_size=1
+    ) as requester:
+        await requester.publish(await requester.plan())
+        (hit_id,) = fake_mturk.fake.hits
+        for i in range(3):
+            submit(fake_mturk.fake, hit_id, f"AW{i}", red="1")
+        report = await requester.sync()
+    assert (report.assignments, report.new, report.granted) == (3, 3, 3)
+    assert fake_mturk.fake.calls.count("ListAssignmentsForHIT") == 3
+
+
+def insert_session(tmp_path: Path, token: str, assignment_id: str | None, red: int) -> None:
+    with contextlib.closing(sqlite3.connect(tmp_path / "probe.db")) as conn, conn:
+        conn.execute(
+            "INSERT INTO sessions (token, created, ipv4, port, red_count, blue_count, visit,"
+            " assignment_id) VALUES (?, 0, '192.0.2.1', 1, ?, 1, 'accepted', ?)",
+            (token, red, assignment_id),
+        )
+
+
+async def test_review_status_and_expire(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path, 'name = "b1"\nreward = "0.05"\nassignments = 6')
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "publish", str(path), *endpoint))[0] == 0
+    fake = fake_mturk.fake
+    (hit_id,) = fake.hits
+    right = submit(fake, hit_id, "ARIGHT", token="tokright", red="3")
+    wrong = submit(fake, hit_id, "AWRONG", token="tokwrong", red="2")
+    unknown = submit(fake, hit_id, "AUNKNOWN", token="toknobody", red="1")
+    no_token = submit(fake, hit_id, "ANOTOKEN", red="4")
+    insert_session(tmp_path, "tokright", right, 3)
+    insert_session(tmp_path, "tokwrong", wrong, 3)
+    insert_session(tmp_path, "tokother", no_token, 4)
+    fake.accept(hit_id, fake.worker("APENDING", "US"))
+    assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
+
+    status, out, _ = await cli("hits", "review", str(path), "--dry-run", *endpoint)
+    assert status == 0 and "dry run" in out
+    assert "ApproveAssignment" not in fake.calls and "RejectAssignment" not in fake.calls
+    assert rows(tmp_path, "SELECT count(*) FROM reviews") == [(0,)]
+
+    status, out, _ = await cli("hits", "status", str(path), *endpoint)
+    assert status == 0
+    assert out.splitlines()[-1].split() == ["b1", "1", "1", "1", "4", "0", "0"]
+
+    status, out, _ = await cli("hits", "review", str(path), *endpoint)
+    assert status == 0, out
+    assert "Approved 2, rejected 1, left 1 for you to decide" in out
+    statuses = {a.assignment_id: a.status for a in fake.assignments.values()}
+    assert statuses[right] == statuses[no_token] == "Approved"
+    assert statuses[wrong] == "Rejected" and statuses[unknown] == "Submitted"
+    assert "The page showed 3 red balls and your answer said 2" in (
+        fake.assignments[wrong].feedback or ""
+    )
+    assert rows(
+        tmp_path, "SELECT assignment_id, status FROM assignments ORDER BY assignment_id"
+    ) == sorted(
+        [(right, "Approved"), (wrong, "Rejected"), (unknown, "Submitted"), (no_token, "Approved")]
+    )
+
+    status, out, _ = await cli("hits", "review", str(path), "--approve-all", *endpoint)
+    assert status == 0 and "Approved 1" in out
+    assert fake.assignments[unknown].status == "Approved"
+
+    status, out, _ = await cli("hits", "expire", str(path), *endpoint)
+    assert status == 0 and "Expired 1 HITs of batch b1" in out
+    assert fake.counts(fake.hits[hit_id])["NumberOfAssignmentsAvailable"] == 0
+    ((expired, expires),) = rows(
+        tmp_path, "SELECT b.expired, h.expires FROM batches b JOIN hits h ON h.batch = b.name"
+    )
+    assert expired == expires == pytest.approx(fake.now())
+
+
+async def test_review_records_what_mturk_refused(tmp_path, fake_mturk):
+    experiment = load_experiment(write_experiment(tmp_path))
+    target = Target(endpoint_url=fake_mturk.url)
+    async with open_requester(experiment, target) as requester:
+        await requester.publish(await requester.plan())
+        (hit_id,) = fake_mturk.fake.hits
+        assignment_id = submit(fake_mturk.fake, hit_id, "AW", token="tok", red="2")
+        insert_session(tmp_path, "tok", assignment_id, 2)
+        await requester.sync()
+        # Approved on MTurk meanwhile (e.g. by hand, or automatically).
+        fake_mturk.fake.assignments[assignment_id].status = "Approved"
+        (decision,) = await requester.review()
+    assert decision.error is not None and "status of: Submitted" in decision.error
+    assert rows(tmp_path, "SELECT status FROM assignments") == [("Approved",)]
+    assert rows(tmp_path, "SELECT decision, done, error IS NOT NULL FROM reviews") == [
+        ("approve", None, 1)
+    ]
+
+
+async def test_unknown_batch_is_refused(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path)
+    status, _, err = await cli(
+        "hits", "publish", str(path), "nosuch", "--endpoint-url", fake_mturk.url
+    )
+    assert status == 1 and "no batch named 'nosuch'" in err
+
+
+# -- review decisions ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answers", "sessions", "action", "reason"),
+    [
+        ({"token": "t", "red": "3"}, [SessionFacts("t", "A1", 3)], "approve", "is right"),
+        ({"token": "t", "red": " 3 "}, [SessionFacts("t", "A1", 3)], "approve", "is right"),
+        ({"token": "t", "red": "2"}, [SessionFacts("t", "A1", 3)], "reject", "page showed 3"),
+        ({"token": "t", "red": "x"}, [SessionFacts("t", "A1", 3)], "reject", "no readable"),
+        ({"token": "t", "red": "3"}, [], "skip", "never served"),
+        ({"token": "t", "red": "3"}, [SessionFacts("t", "A2", 3)], "skip", "another assignment"),
+        ({"red": "3"}, [SessionFacts("s", "A1", 3)], "approve", "is right"),
+        ({"red": "3"}, [SessionFacts("s", "A1", 3), SessionFacts("u", "A1", 1)], "skip", "2 sess"),
+        ({"red": "3"}, [], "skip", "0 sessions"),
+    ],
+)
+def test_decide(answers, sessions, action, reason):
+    decision = decide("A1", "AW", "b", answers, sessions)
+    assert decision.action == action
+    assert reason in decision.reason
+    if action == "reject":
+        assert decision.feedback and decision.feedback.startswith("Thank you")
+        assert len(decision.feedback) <= 1024
+
+
+def test_request_tokens_are_stable_and_short():
+    token = request_token("exp", "batch", 3)
+    assert token == request_token("exp", "batch", 3) != request_token("exp", "batch", 4)
+    assert 1 <= len(token) <= 64
