@@ -11,27 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, parse_endpoint
+from .logs import setup_logging
 from .server import Listeners, StartupError, endpoint_text, serve
 
 log = logging.getLogger("probe_server")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-# botocore logs each request's headers at DEBUG, the access key id among
-# them: these loggers never go below WARNING, whatever --log-level says.
-QUIET_LOGGERS = ("botocore", "aiobotocore", "aioboto3", "boto3", "urllib3")
-
-
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_async(coroutine: Coroutine[Any, Any, int]) -> int:
@@ -75,6 +61,8 @@ def _demo_banner(config: Config) -> Callable[[Listeners], None]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    # --log-level, when given, wins over the config's [logging] level.
+    setup_logging(args.log_level or config.logging.level, config.logging.format)
     on_ready = _demo_banner(config) if args.config is None else None
     return run_async(serve(config, on_ready=on_ready))
 
@@ -129,6 +117,46 @@ def _positive(text: str) -> int:
     return value
 
 
+def _resolver(value: str) -> tuple[str, int]:
+    """``9.9.9.9``, ``2001:db8::1``, ``127.0.0.1:5353`` or ``[::1]:5353`` (port 53 by default)."""
+    if not value.startswith("[") and value.count(":") != 1:
+        value = f"[{value}]:53" if ":" in value else f"{value}:53"
+    try:
+        return parse_endpoint(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import FAIL, PASS, Checker, Options, Result
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(Result(FAIL, "config", str(e)).line(), flush=True)
+        return EXIT_FAILURE
+    print(Result(PASS, "config", str(config.source or "built-in demo config")).line(), flush=True)
+    counts = {"PASS": 1, "FAIL": 0, "SKIP": 0}
+
+    def emit(result: Result) -> None:
+        counts[result.status] += 1
+        print(result.line(), flush=True)
+
+    options = Options(
+        public=args.public,
+        resolvers=args.resolver or [],
+        authoritative_port=args.authoritative_port,
+        timeout=args.timeout,
+    )
+    ok = Checker(config, options, emit).run()
+    total = counts["PASS"] + counts["FAIL"]
+    if ok:
+        print(f"probe-server check: all {total} checks passed ({counts['SKIP']} skipped)")
+        return EXIT_OK
+    print(f"probe-server check: {counts['FAIL']} of {total} checks FAILED")
+    return EXIT_FAILURE
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .mturk import cli as mturk_cli
 
@@ -139,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="default: INFO for serve and fake-mturk, WARNING for hits (its output is for people)",
+        help="default: the config's [logging] level for serve (INFO without one), INFO for"
+        " fake-mturk, WARNING for hits (its output is for people)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -182,6 +211,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="look every address up again in the configured databases",
     )
     report_parser.set_defaults(func=cmd_report)
+
+    check_parser = commands.add_parser(
+        "check",
+        help="check a deployment: config, zones, TLS, sockets (and --public DNS)",
+        description="One PASS/FAIL/SKIP line per check; exit status 1 if any failed.",
+    )
+    check_parser.add_argument("--config", metavar="FILE", help="TOML config file")
+    check_parser.add_argument(
+        "--public",
+        action="store_true",
+        help="also ask public DNS: the names, the delegation at the parent, our servers",
+    )
+    check_parser.add_argument(
+        "--resolver",
+        metavar="ADDRESS[:PORT]",
+        action="append",
+        type=_resolver,
+        help="recursive resolver for --public (repeatable; default: the system's)",
+    )
+    check_parser.add_argument(
+        "--authoritative-port",
+        metavar="PORT",
+        type=int,
+        default=53,
+        help="port on which the parent's and our name servers are asked (default 53)",
+    )
+    check_parser.add_argument(
+        "--timeout", metavar="SECONDS", type=float, default=5.0, help="per DNS question"
+    )
+    check_parser.set_defaults(func=cmd_check)
     mturk_cli.add_commands(commands)
     return parser
 

@@ -83,31 +83,46 @@ class SiteConfig(_Model):
     base_url: BaseUrl | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # A plain-HTTP socket of the same family (port 80): ACME HTTP-01
+    # challenges, and a redirect to the HTTPS site for everything else.
+    http_listen: Endpoint | None = None
 
     @model_validator(mode="after")
     def _tls_pair(self) -> SiteConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.http_listen is not None and self.tls_cert is None:
+            raise ValueError("http_listen redirects to HTTPS: it needs tls_cert and tls_key")
         return self
 
 
+def _site_family(site: SiteConfig, version: int) -> SiteConfig:
+    for key, endpoint in (("listen", site.listen), ("http_listen", site.http_listen)):
+        if endpoint is None:
+            continue
+        if ipaddress.ip_address(parse_endpoint(endpoint)[0]).version != version:
+            raise ValueError(
+                f"{key}: the IPv{version} site needs an IPv{version} address, got {endpoint!r}"
+            )
+    return site
+
+
 class SitesConfig(_Model):
+    # Directory that `certbot certonly --webroot -w DIR` writes its HTTP-01
+    # challenges to; both sites serve /.well-known/acme-challenge/<token> from it.
+    acme_webroot: Path | None = None
     ipv4: SiteConfig = SiteConfig(listen="127.0.0.1:8080")
     ipv6: SiteConfig = SiteConfig(listen="[::1]:8080")
 
     @field_validator("ipv4")
     @classmethod
     def _ipv4_socket(cls, site: SiteConfig) -> SiteConfig:
-        if ipaddress.ip_address(parse_endpoint(site.listen)[0]).version != 4:
-            raise ValueError(f"listen: the IPv4 site needs an IPv4 address, got {site.listen!r}")
-        return site
+        return _site_family(site, 4)
 
     @field_validator("ipv6")
     @classmethod
     def _ipv6_socket(cls, site: SiteConfig) -> SiteConfig:
-        if ipaddress.ip_address(parse_endpoint(site.listen)[0]).version != 6:
-            raise ValueError(f"listen: the IPv6 site needs an IPv6 address, got {site.listen!r}")
-        return site
+        return _site_family(site, 6)
 
 
 class ServerConfig(_Model):
@@ -120,6 +135,8 @@ class ServerConfig(_Model):
     shutdown_timeout: float = Field(default=10.0, ge=0, le=300)
     # Largest request body accepted (the answer form), in bytes.
     max_body: int = Field(default=16384, ge=1024, le=1048576)
+    # Answer systemd's watchdog (WatchdogSec=) while the database writer works.
+    watchdog: bool = True
 
 
 class DatabaseConfig(_Model):
@@ -184,6 +201,9 @@ class DnsConfig(_Model):
     tcp_max_connections: int = Field(default=1000, ge=1, le=100_000)
     # Packed replies kept per (name, type, EDNS); wildcard names share one.
     answer_cache: int = Field(default=10000, ge=16, le=10_000_000)
+    # Master-file lines of _acme-challenge TXT records (ACME DNS-01), written
+    # by a certbot hook and read with the zones at start and on SIGHUP.
+    acme_challenges: Path | None = None
     rrl: RateLimitConfig = RateLimitConfig()
 
     @field_validator("listen_ipv4")
@@ -201,6 +221,48 @@ class DnsConfig(_Model):
         if self.enabled and not self.zones:
             raise ValueError("zones: name at least one zone file (or set enabled = false)")
         return self
+
+
+def _admin_path(value: str) -> str:
+    if not value.startswith("/") or any(c in value for c in "?#{} "):
+        raise ValueError(f"expected a path such as /metrics, got {value!r}")
+    return value
+
+
+AdminPath = Annotated[str, AfterValidator(_admin_path)]
+
+
+class AdminConfig(_Model):
+    """The administrative listener: metrics and health, on loopback only."""
+
+    enabled: bool = False
+    listen: Endpoint = "127.0.0.1:9180"
+    metrics_path: AdminPath = "/metrics"
+    health_path: AdminPath = "/healthz"
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback(cls, value: str) -> str:
+        if not ipaddress.ip_address(parse_endpoint(value)[0]).is_loopback:
+            raise ValueError(
+                f"must be a loopback address (127.0.0.1 or [::1]), got {value!r}:"
+                " nothing administrative is served on public addresses"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AdminConfig:
+        if self.metrics_path == self.health_path:
+            raise ValueError("metrics_path and health_path must differ")
+        return self
+
+
+class LoggingConfig(_Model):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "text": time, level, logger, message (a terminal); "journal": a syslog
+    # priority prefix instead of the time (journald keeps time and level);
+    # "json": one JSON object per line.
+    format: Literal["text", "journal", "json"] = "text"
 
 
 def _rehearsal_site(value: str) -> str:
@@ -247,6 +309,8 @@ class Config(_Model):
     database: DatabaseConfig = DatabaseConfig()
     survey: SurveyConfig = SurveyConfig()
     dns: DnsConfig = DnsConfig()
+    admin: AdminConfig = AdminConfig()
+    logging: LoggingConfig = LoggingConfig()
     mturk: MTurkConfig = MTurkConfig()
     geoip: GeoIPConfig = GeoIPConfig()
     # Where the file was read from (None for the built-in demo config).

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from .config import DnsConfig, RateLimitConfig
@@ -52,6 +52,8 @@ class DnsStats:
     tcp_refused: int = 0
     tcp_timeouts: int = 0
     log_dropped: int = 0
+    # Responses sent, by RCODE text ("NOERROR", "NXDOMAIN", ...).
+    rcodes: dict[str, int] = field(default_factory=dict)
 
 
 class RateLimiter:
@@ -182,6 +184,10 @@ class DnsServer:
             )
             self._writer = None
 
+    @property
+    def tcp_connections(self) -> int:
+        return len(self._connections)
+
     async def drain(self) -> None:
         """Hand queued rows to the writer and wait for their commit (tests, shutdown)."""
         self._flush()
@@ -214,6 +220,9 @@ class DnsServer:
             self.stats.slipped += 1
         if reply is not None:
             self.stats.replies += 1
+            rcodes = self.stats.rcodes
+            rcode = outcome.rcode or "?"
+            rcodes[rcode] = rcodes.get(rcode, 0) + 1
         self._log(now, family, host, port, transport, outcome, reply, action)
         return reply
 

@@ -8,6 +8,11 @@ site gets 421 Misdirected Request; anything else 404.
 Every request on a public site becomes a row in ``requests``. Probe images,
 the survey page and the answer are answered only once their rows are
 committed (a 200 means "stored").
+
+Nothing administrative is served here: metrics and health live on the admin
+listener (``admin.py``), bound to loopback only. A site with TLS may also
+have a plain-HTTP socket (port 80): it answers ACME challenges and redirects
+everything else to the HTTPS site.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
-from . import images, survey
+from . import acme, images, survey
 from .config import Config
 from .dnsserver import DnsServer
 from .keys import (
@@ -30,13 +35,17 @@ from .keys import (
     config_key,
     csp_key,
     dns_key,
+    https_sites_key,
+    metrics_key,
     reader_key,
+    reload_hooks_key,
     secret_key,
     templates_key,
     verifier_key,
     worker_sites_key,
     writer_key,
 )
+from .metrics import Metrics
 from .store import NotStored, Overloaded, Row, Writer, open_database, open_reader
 from .tokens import TokenVerifier, looks_like_token, new_token
 
@@ -267,6 +276,23 @@ async def submit(request: web.Request) -> web.StreamResponse:
     )
 
 
+# -- both sites ----------------------------------------------------------------
+
+
+async def acme_challenge(request: web.Request) -> web.StreamResponse:
+    """ACME HTTP-01: the key authorization certbot left in the webroot."""
+    request[probe_key].kind = "acme"
+    webroot = request.app[config_key].sites.acme_webroot
+    body = None
+    if webroot is not None:
+        body = acme.read_http_challenge(
+            request.app[config_key].resolve(webroot), request.match_info["token"]
+        )
+    if body is None:
+        raise web.HTTPNotFound()
+    return _no_store(web.Response(body=body, content_type="text/plain"))
+
+
 # -- the request log -----------------------------------------------------------
 
 
@@ -303,8 +329,17 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Route by socket family, log the request, hold probes until stored."""
     site = site_of(request)
     probe = request[probe_key] = Probe(*peer(request))
-    allowed = getattr(request.match_info.handler, "sites", None)
+    route_handler = request.match_info.handler
+    allowed = getattr(route_handler, "sites", None)
     try:
+        if (
+            request.scheme == "http"
+            and site in request.app[https_sites_key]
+            and route_handler is not acme_challenge
+        ):
+            # The plain-HTTP socket of a TLS site: only ACME is served here.
+            probe.kind = "redirect"
+            raise web.HTTPPermanentRedirect(request.app[base_urls_key][site] + request.raw_path)
         if allowed is not None and site not in allowed:
             probe.kind = "wrong-site"
             raise web.HTTPMisdirectedRequest(text="421: this path is served on the other site\n")
@@ -317,14 +352,18 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     # Every response waits for its row, so a response means "logged". Only
     # successful probes turn into 503 when the row cannot be stored: they are
     # the measurement, and a 200 must mean that it was kept.
+    metrics = request.app[metrics_key]
     try:
         await request.app[writer_key].write(rows)
     except Overloaded:
         if probe.durable and response.status < 400:
+            metrics.request(site, probe.kind, 503)
             return _unavailable("overloaded")
     except NotStored:
         if probe.durable and response.status < 400:
+            metrics.request(site, probe.kind, 503)
             return _unavailable("storage is not keeping up")
+    metrics.request(site, probe.kind, response.status)
     if isinstance(response, web.HTTPException):
         raise response
     return response
@@ -342,6 +381,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         queue_limit=config.database.queue_limit,
         batch_max=config.database.batch_max,
         commit_timeout=config.server.commit_timeout,
+        observe_commit=app[metrics_key].commit_seconds.observe,
     )
     writer.start()
     reader = await open_reader(path)
@@ -376,7 +416,11 @@ async def _dns(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(
-    config: Config, secret: bytes, base_urls: dict[str, str], dns: DnsServer | None = None
+    config: Config,
+    secret: bytes,
+    base_urls: dict[str, str],
+    dns: DnsServer | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The public application; the same app serves both sites' sockets.
 
@@ -385,6 +429,13 @@ def create_app(
     """
     app = web.Application(middlewares=[record], client_max_size=config.server.max_body)
     app[config_key] = config
+    app[metrics_key] = metrics or Metrics()
+    app[reload_hooks_key] = []
+    app[https_sites_key] = frozenset(
+        name
+        for name, site in ((IPV4, config.sites.ipv4), (IPV6, config.sites.ipv6))
+        if site.tls_cert is not None
+    )
     app[base_urls_key] = base_urls
     worker_sites = (*survey.MTURK_WORKER_SITES, *config.mturk.rehearsal_worker_sites)
     app[worker_sites_key] = worker_sites
@@ -409,4 +460,5 @@ def create_app(
     app.router.add_post("/submit", submit)
     app.router.add_get(r"/red/{token}/{ball}.png", red_ball)
     app.router.add_get(r"/blue/{token}/{ball}.png", blue_ball)
+    app.router.add_get("/.well-known/acme-challenge/{token}", acme_challenge)
     return app

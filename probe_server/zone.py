@@ -22,6 +22,7 @@ import dns.exception
 import dns.name
 import dns.rdata
 import dns.rdatatype
+import dns.rrset
 import dns.zone
 from dnslib import AAAA, CNAME, MX, NS, PTR, RD, RR, SOA, TXT, A, DNSLabel
 
@@ -108,7 +109,7 @@ def _rdata(rdata: dns.rdata.Rdata) -> RD:
     return RD(rdata.to_wire())
 
 
-def _targets(rrset: Iterable[RR]) -> list[Name]:
+def record_targets(rrset: Iterable[RR]) -> list[Name]:
     """Names whose addresses belong in the additional section (RFC 1034 §3.6.2, RFC 2782)."""
     names = []
     for rr in rrset:
@@ -125,10 +126,9 @@ def _targets(rrset: Iterable[RR]) -> list[Name]:
     return names
 
 
-def load_zone(path: str | os.PathLike[str]) -> Zone:
-    """Read one master file; its origin comes from its ``$ORIGIN`` line."""
+def _parse(path: str | os.PathLike[str]) -> dns.zone.Zone:
     try:
-        parsed = dns.zone.from_file(os.fspath(path), origin=None, relativize=False)
+        return dns.zone.from_file(os.fspath(path), origin=None, relativize=False)
     except FileNotFoundError:
         raise ZoneError(f"{path}: no such file") from None
     except OSError as e:
@@ -141,8 +141,24 @@ def load_zone(path: str | os.PathLike[str]) -> Zone:
         text = str(e) or type(e).__name__
         # dnspython's syntax errors already start with "FILE:LINE:".
         raise ZoneError(text if text.startswith(f"{path}:") else f"{path}: {text}") from None
+
+
+def load_zone(path: str | os.PathLike[str], extra: Iterable[dns.rrset.RRset] = ()) -> Zone:
+    """Read one master file; its origin comes from its ``$ORIGIN`` line.
+
+    ``extra`` records (ACME DNS-01 challenges) are added to the zone's own.
+    """
+    return _convert(path, _parse(path), extra)
+
+
+def _convert(
+    path: str | os.PathLike[str], parsed: dns.zone.Zone, extra: Iterable[dns.rrset.RRset] = ()
+) -> Zone:
     if parsed.origin is None:
         raise ZoneError(f"{path}: no $ORIGIN line names the zone")
+    for rrset in extra:
+        node = parsed.find_node(rrset.name, create=True)
+        node.find_rdataset(rrset.rdclass, rrset.rdtype, create=True).union_update(rrset)
     origin = _key(parsed.origin)
     nodes: dict[Name, dict[int, tuple[RR, ...]]] = {}
     for name, rdataset in parsed.iterate_rdatasets():
@@ -186,8 +202,24 @@ class Authority:
             self.zones[zone.origin] = zone
 
     @classmethod
-    def from_files(cls, paths: Iterable[str | os.PathLike[str]]) -> Authority:
-        return cls([load_zone(path) for path in paths])
+    def from_files(
+        cls, paths: Iterable[str | os.PathLike[str]], extra: Iterable[dns.rrset.RRset] = ()
+    ) -> Authority:
+        """The zones in ``paths``; each ``extra`` RRset joins the innermost zone holding it."""
+        parsed = [(path, _parse(path)) for path in paths]
+        placed: list[list[dns.rrset.RRset]] = [[] for _ in parsed]
+        for rrset in extra:
+            homes = [
+                (len(zone.origin), index)
+                for index, (_, zone) in enumerate(parsed)
+                if zone.origin is not None and rrset.name.is_subdomain(zone.origin)
+            ]
+            if not homes:
+                raise ZoneError(f"{rrset.name}: in none of the zones served")
+            placed[max(homes)[1]].append(rrset)
+        return cls(
+            [_convert(path, zone, rrs) for (path, zone), rrs in zip(parsed, placed, strict=True)]
+        )
 
     def find_zone(self, name: Name) -> Zone | None:
         """The zone with the longest origin that contains ``name``."""
@@ -220,7 +252,7 @@ class Authority:
         for step in range(MAX_CNAME_CHAIN + 1):
             found = self._find(zone, name, qtype)
             if isinstance(found, _Referral):
-                glue = tuple(self._addresses(_targets(found.ns), zone, glue=True))
+                glue = tuple(self._addresses(record_targets(found.ns), zone, glue=True))
                 if step == 0:
                     return Answer(NOERROR, authoritative=False, authority=found.ns, additional=glue)
                 # A CNAME into a delegated zone: the CNAME, and the referral
@@ -260,7 +292,7 @@ class Authority:
                     wildcard_parent,
                 )
             answer.extend(_owned(chosen, name))
-            additional.extend(self._addresses(_targets(chosen), zone, glue=False))
+            additional.extend(self._addresses(record_targets(chosen), zone, glue=False))
             break
         return Answer(NOERROR, True, tuple(answer), (), tuple(additional), wildcard_parent)
 

@@ -17,7 +17,14 @@ from probe_server.config import Config, ConfigError
 from probe_server.store import migrations, open_sync
 from probe_server.testing import write_config
 
-from .helpers import T0, Population, asn_db, country_db, teredo
+from .helpers import (
+    T0,
+    Population,
+    asn_db,
+    country_db,
+    fresh_logging,  # noqa: F401 - autouse fixture
+    teredo,
+)
 
 US = {"198.51.100.0/24": ("US", "United States"), "2601::/20": ("US", "United States")}
 

@@ -22,7 +22,15 @@ from probe_server.store import open_sync
 from probe_server.testing import write_config
 from probe_server.tokens import new_token
 
-from .helpers import T0, Population, asn_db, country_db, teredo, wilson_by_bisection
+from .helpers import (
+    T0,
+    Population,
+    asn_db,
+    country_db,
+    fresh_logging,  # noqa: F401 - autouse fixture
+    teredo,
+    wilson_by_bisection,
+)
 
 TEREDO = teredo("65.54.227.120", "198.51.100.129", 40000)
 

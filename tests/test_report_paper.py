@@ -15,7 +15,14 @@ import pytest
 from probe_server.cli import main
 from probe_server.testing import write_config
 
-from .helpers import T0, Population, asn_db, country_db, teredo
+from .helpers import (
+    T0,
+    Population,
+    asn_db,
+    country_db,
+    fresh_logging,  # noqa: F401 - autouse fixture
+    teredo,
+)
 
 # Table 1 of the paper lists 322 + 148 + 13 + 7 + 7 + 3 + 28 = 528 addresses
 # but a total of 530, the number the text gives ("530 unique IPv4") and the

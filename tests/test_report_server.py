@@ -17,7 +17,12 @@ import aiohttp
 from probe_server.cli import main
 from probe_server.testing import write_config
 
-from .helpers import T0, asn_db, country_db
+from .helpers import (
+    T0,
+    asn_db,
+    country_db,
+    fresh_logging,  # noqa: F401 - autouse fixture
+)
 from .test_web import Page, fetch
 
 COUNTRIES = {

@@ -25,7 +25,7 @@ from probe_server.zone import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_ZONES = sorted((ROOT / "dns").glob("*.zone"))
+SHIPPED_ZONES = sorted((ROOT / "dns").glob("*.zone")) + sorted((ROOT / "deploy").glob("*.zone"))
 TEST_ZONES = sorted((Path(__file__).parent / "zones").glob("*.zone"))
 
 
