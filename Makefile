@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format bench bench-dns clean venv
+.PHONY: run test lint format bench bench-dns bench-report clean venv
 
 venv: $(STAMP)
 
@@ -40,6 +40,9 @@ bench: $(STAMP)
 # Needs dnsperf and knot (Debian packages); both servers on CPU 0, dnsperf on CPU 1.
 bench-dns: $(STAMP)
 	$(BIN)/python bench/dns_bench.py
+
+bench-report: $(STAMP)
+	$(BIN)/python bench/report_million.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -64,6 +65,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or config.logging.level, config.logging.format)
     on_ready = _demo_banner(config) if args.config is None else None
     return run_async(serve(config, on_ready=on_ready))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    # Imported here: the server never needs geoip2 or matplotlib.
+    from .analysis.geo import GEOLITE_HINT, enrich, open_geoip
+    from .analysis.report import build_report, render_json, render_markdown, write_outputs
+    from .store import open_sync
+
+    config = load_config(args.config)
+    db = Path(args.db) if args.db else config.resolve(config.database.path)
+    if args.format == "csv" and args.out is None:
+        print(
+            "probe-server: report: --format csv writes one file per table: give --out DIR",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if not db.is_file():
+        print(f"probe-server: report: {db}: no such database", file=sys.stderr)
+        return EXIT_FAILURE
+    with open_geoip(config) as geo:
+        if not geo.configured:
+            if args.refresh_geoip:
+                print(
+                    "probe-server: report: --refresh-geoip needs [geoip] databases to ask"
+                    " again; without them the stored answers would be lost",
+                    file=sys.stderr,
+                )
+                return EXIT_USAGE
+            print(f"probe-server: {GEOLITE_HINT}", file=sys.stderr)
+        conn = open_sync(db)
+        try:
+            enrich(conn, geo, refresh=args.refresh_geoip, stream=sys.stderr)
+        finally:
+            conn.close()
+    report = build_report(db, top=args.top, min_sample=args.min_sample)
+    if args.out is not None:
+        for path in write_outputs(report, args.format, Path(args.out)):
+            print(path)
+    elif args.format == "json":
+        sys.stdout.write(render_json(report))
+    else:
+        sys.stdout.write(render_markdown(report))
+    return EXIT_OK
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def _resolver(value: str) -> tuple[str, int]:
@@ -126,6 +177,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_parser.add_argument("--config", metavar="FILE", help="TOML config file")
     serve_parser.set_defaults(func=cmd_serve)
+
+    report_parser = commands.add_parser(
+        "report",
+        help="the paper's tables, Figure 2 and preview counts from the database",
+        description="Classify and geolocate the addresses in the database (answers are"
+        " stored, so later reports repeat them), then write the paper's Tables 1-3,"
+        " the IPv6 breakdown, Figure 2 and the preview counts.",
+    )
+    report_parser.add_argument("--config", metavar="FILE", help="TOML config file ([geoip])")
+    report_parser.add_argument(
+        "--db", metavar="FILE", help="database (default: database.path from the config)"
+    )
+    report_parser.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    report_parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write the report, figure2.png and figure2.csv here (default: report to stdout)",
+    )
+    report_parser.add_argument(
+        "--top", type=_positive, default=6, metavar="N", help="countries named in Tables 1-2"
+    )
+    report_parser.add_argument(
+        "--min-sample",
+        type=_positive,
+        default=30,
+        metavar="N",
+        help="mark adoption rates from fewer IPv4 addresses than this (default 30)",
+    )
+    report_parser.add_argument(
+        "--refresh-geoip",
+        action="store_true",
+        help="look every address up again in the configured databases",
+    )
+    report_parser.set_defaults(func=cmd_report)
 
     check_parser = commands.add_parser(
         "check",

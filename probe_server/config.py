@@ -294,6 +294,15 @@ class MTurkConfig(_Model):
     rehearsal_worker_sites: tuple[RehearsalSite, ...] = ()
 
 
+class GeoIPConfig(_Model):
+    """MaxMind-format databases for ``probe-server report``; the server never reads them."""
+
+    # Country or City database (GeoLite2-Country, GeoLite2-City, GeoIP2-*).
+    country_db: Path | None = None
+    # ASN database (GeoLite2-ASN): network number and owner of each address.
+    asn_db: Path | None = None
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     sites: SitesConfig = SitesConfig()
@@ -303,6 +312,7 @@ class Config(_Model):
     admin: AdminConfig = AdminConfig()
     logging: LoggingConfig = LoggingConfig()
     mturk: MTurkConfig = MTurkConfig()
+    geoip: GeoIPConfig = GeoIPConfig()
     # Where the file was read from (None for the built-in demo config).
     source: Path | None = None
 

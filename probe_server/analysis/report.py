@@ -1,0 +1,701 @@
+"""The paper's tables from the ``report_*`` views (schema 0004), as Markdown, CSV and JSON.
+
+Which sessions count: every survey page served (every session), previews
+and direct visits included, since the paper extracted its 530 IPv4 and 38
+IPv6 addresses from every HTTP request its server handled, previews
+included (§4.2, §4.4). An IPv4 address has native IPv6 when the blue balls
+of any of its sessions were fetched from a native IPv6 address; Teredo,
+6to4 and the other classes are counted in the IPv6 breakdown, never as
+native. Table 3 and Figure 2 count completed HITs (see ``report_completions``).
+
+The aggregation happens in SQLite; Python sees one row per country, per IPv6
+address, per (batch, country) and per minute of Figure 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .addresses import CLASSES, DESCRIPTIONS
+from .stats import MIN_SAMPLE, wilson
+
+UNKNOWN = "unknown"
+OVERALL = "all"
+TOP_COUNTRIES = 6  # the paper's Table 1 names six countries, then Others
+
+
+@dataclass(frozen=True, slots=True)
+class CountryCount:
+    country: str
+    name: str | None
+    ipv4_addresses: int
+    share: float
+
+
+@dataclass(frozen=True, slots=True)
+class Adoption:
+    country: str
+    ipv4_addresses: int
+    native_ipv6: int
+    rate: float | None
+    ci95_low: float | None
+    ci95_high: float | None
+
+    @classmethod
+    def of(cls, country: str, ipv4_addresses: int, native_ipv6: int) -> Adoption:
+        if ipv4_addresses == 0:
+            return cls(country, 0, 0, None, None, None)
+        low, high = wilson(native_ipv6, ipv4_addresses)
+        return cls(country, ipv4_addresses, native_ipv6, native_ipv6 / ipv4_addresses, low, high)
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    asn: int | None
+    org: str
+    addresses: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    cls: str
+    country: str
+    asn: int | None
+    org: str
+    addresses: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    batch: str | None
+    reward: str | None
+    country: str
+    completed: int
+    correct: int
+
+
+@dataclass(frozen=True, slots=True)
+class Curve:
+    """Figure 2: one batch's completed HITs in one country over time."""
+
+    country: str
+    batch: str | None
+    reward: str | None
+    hours: list[float]
+    completed: list[int]  # cumulative, at each of ``hours``
+
+
+@dataclass
+class Report:
+    sessions: dict[str, int]
+    countries: list[CountryCount]
+    overall: Adoption
+    by_country: list[Adoption]
+    ipv6_classes: dict[str, int]
+    providers: list[Provider]
+    tunnels: list[Tunnel]
+    batches: list[BatchResult]
+    curves: list[Curve]
+    previews: dict[str, tuple[int, int]]  # visit -> (sessions, requests)
+    geoip_builds: list[str]
+    names: dict[str, str] = field(default_factory=dict)
+    top: int = TOP_COUNTRIES
+    min_sample: int = MIN_SAMPLE
+
+    @property
+    def ipv4_addresses(self) -> int:
+        return self.overall.ipv4_addresses
+
+    @property
+    def ipv6_addresses(self) -> int:
+        return sum(self.ipv6_classes.values())
+
+    def name(self, country: str) -> str:
+        if country == UNKNOWN:
+            return "unknown (no GeoIP answer)"
+        return self.names.get(country) or country
+
+    def small(self, adoption: Adoption) -> bool:
+        return adoption.ipv4_addresses < self.min_sample
+
+
+def _country_key(row: tuple[str, int]) -> tuple[int, int, str]:
+    country, count = row
+    return (country == UNKNOWN, -count, country)
+
+
+# SQLite caps the mapping at its compile-time maximum (2 GiB in common
+# builds); pages past it are read the usual way.
+MMAP_BYTES = 1 << 31
+
+
+def open_reader(path: Path) -> sqlite3.Connection:
+    """A connection for the report's queries, one per thread.
+
+    The database file is memory-mapped: the queries make millions of index
+    probes, and reading pages in place instead of copying each through a
+    system call cuts their cost by more than half. Mapped pages are the
+    kernel's page cache, shared and reclaimable, not memory of the process.
+    """
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
+    conn.execute("PRAGMA temp_store = MEMORY")
+    return conn
+
+
+def _addresses(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Tables 1 and 2, sessions, the IPv6 breakdown and which GeoIP builds answered."""
+    per_country = conn.execute(
+        "SELECT country, max(country_name), count(*), sum(native_ipv6),"
+        " sum(sessions), sum(previews), sum(accepted)"
+        " FROM report_ipv4 GROUP BY country"
+    ).fetchall()
+    names = {row[0]: row[1] for row in per_country if row[1]}
+    total_ipv4 = sum(row[2] for row in per_country)
+    ordered = sorted(per_country, key=lambda row: _country_key((row[0], row[2])))
+    total = sum(row[4] for row in per_country)
+    previews = sum(row[5] for row in per_country)
+    accepted = sum(row[6] for row in per_country)
+
+    classes = dict.fromkeys(CLASSES, 0)
+    providers: dict[int | None, list[Any]] = {}
+    tunnels: dict[tuple[str, str, int | None], list[Any]] = {}
+    for cls, country, asn, org in conn.execute("SELECT class, country, asn, org FROM report_ipv6"):
+        classes[cls] = classes.get(cls, 0) + 1
+        if cls == "native":
+            entry = providers.setdefault(asn, [asn, None, 0])
+            entry[1] = max(entry[1] or "", org or "") or None
+            entry[2] += 1
+        elif cls in ("teredo", "6to4", "nat64"):
+            entry = tunnels.setdefault((cls, country, asn), [None, 0])
+            entry[0] = max(entry[0] or "", org or "") or None
+            entry[1] += 1
+    builds = {
+        build
+        for (build,) in conn.execute(
+            "SELECT DISTINCT country_db FROM geoip UNION SELECT DISTINCT asn_db FROM geoip"
+        )
+        if build
+    }
+    return {
+        "sessions": {
+            "total": total,
+            "previews": previews,
+            "accepted": accepted,
+            "direct": total - previews - accepted,
+        },
+        "countries": [CountryCount(c, n, k, k / total_ipv4) for c, n, k, *_ in ordered],
+        "by_country": [Adoption.of(c, k, x) for c, _, k, x, *_ in ordered],
+        "overall": Adoption.of(OVERALL, total_ipv4, sum(row[3] for row in per_country)),
+        "names": names,
+        "ipv6_classes": classes,
+        "providers": sorted(
+            (Provider(asn, org or UNKNOWN, n) for asn, org, n in providers.values()),
+            key=lambda p: (-p.addresses, p.asn is None, p.asn or 0),
+        ),
+        "tunnels": sorted(
+            (
+                Tunnel(c, country, asn, org or UNKNOWN, n)
+                for (c, country, asn), (org, n) in tunnels.items()
+            ),
+            key=lambda t: (CLASSES.index(t.cls), -t.addresses, t.country, t.asn or 0),
+        ),
+        "geoip_builds": sorted(builds),
+    }
+
+
+def _completions(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Table 3 and Figure 2 from one pass over the completions view.
+
+    Completions are counted per minute since publication, per country and
+    batch: Table 3 adds the minutes up, Figure 2 accumulates them.
+    """
+    totals: dict[tuple[str, str | None], list[Any]] = {}
+    curves: dict[tuple[str, str | None], Curve] = {}
+    for country, batch, reward, hours, count, correct in conn.execute(
+        "SELECT country, batch, max(reward), max(hours), count(*), sum(correct)"
+        " FROM report_completions"
+        " GROUP BY country, batch, CAST(hours * 60 AS INTEGER) - (hours < 0)"
+        " ORDER BY country, batch, 4"
+    ):
+        key = (country, batch)
+        total = totals.setdefault(key, [reward, 0, 0])
+        total[1] += count
+        total[2] += correct
+        if hours is None:  # no batch, so no publication to count hours from
+            continue
+        curve = curves.get(key)
+        if curve is None:
+            curve = curves[key] = Curve(country, batch, reward, [], [])
+        curve.hours.append(hours)
+        curve.completed.append((curve.completed[-1] if curve.completed else 0) + count)
+    batches = [
+        BatchResult(batch, reward, country, completed, correct)
+        for (country, batch), (reward, completed, correct) in totals.items()
+    ]
+    batches.sort(key=lambda b: (b.country == UNKNOWN, b.country, _reward(b.reward), b.batch or ""))
+    return {
+        "batches": batches,
+        "curves": sorted(
+            curves.values(), key=lambda c: (c.country, _reward(c.reward), c.batch or "")
+        ),
+    }
+
+
+def _visits(conn: sqlite3.Connection) -> dict[str, Any]:
+    """§4.4: sessions and requests by kind of visit."""
+    rows = conn.execute("SELECT visit, sessions, requests FROM report_previews")
+    return {"previews": {visit: (sessions, requests) for visit, sessions, requests in rows}}
+
+
+def _run(path: Path, part: Callable[[sqlite3.Connection], dict[str, Any]]) -> dict[str, Any]:
+    conn = open_reader(path)
+    try:
+        return part(conn)
+    finally:
+        conn.close()
+
+
+def build_report(path: Path, *, top: int = TOP_COUNTRIES, min_sample: int = MIN_SAMPLE) -> Report:
+    """Read every number from the views of an enriched database.
+
+    The three groups of queries share nothing, and SQLite runs each without
+    holding Python's GIL: on two threads, with a connection each, they take
+    the time of the longest group rather than of all three.
+    """
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="report") as pool:
+        parts = [pool.submit(_run, path, part) for part in (_completions, _addresses, _visits)]
+        found: dict[str, Any] = {}
+        for future in parts:
+            found.update(future.result())
+    return Report(**found, top=top, min_sample=min_sample)
+
+
+def _reward(reward: str | None) -> float:
+    try:
+        return float(reward) if reward is not None else float("inf")
+    except ValueError:
+        return float("inf")
+
+
+# -- JSON ----------------------------------------------------------------------
+
+
+def _adoption_json(adoption: Adoption) -> dict[str, Any]:
+    return {
+        "ipv4_addresses": adoption.ipv4_addresses,
+        "native_ipv6": adoption.native_ipv6,
+        "rate": adoption.rate,
+        "ci95_low": adoption.ci95_low,
+        "ci95_high": adoption.ci95_high,
+    }
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The stable JSON document (keys as listed in issue 4)."""
+    return {
+        "sessions": {
+            "total": report.sessions["total"],
+            "previews": report.sessions["previews"],
+            "accepted": report.sessions["accepted"],
+        },
+        "ipv4_addresses": report.ipv4_addresses,
+        "ipv6_addresses": report.ipv6_addresses,
+        "ipv6_classes": dict(report.ipv6_classes),
+        "countries": [
+            {"country": c.country, "ipv4_addresses": c.ipv4_addresses, "share": c.share}
+            for c in report.countries
+        ],
+        "adoption": {
+            "overall": _adoption_json(report.overall),
+            "by_country": [{"country": a.country, **_adoption_json(a)} for a in report.by_country],
+        },
+        "providers": [
+            {"asn": p.asn, "org": p.org, "addresses": p.addresses} for p in report.providers
+        ],
+        "batches": [
+            {
+                "batch": b.batch,
+                "reward": b.reward,
+                "country": b.country,
+                "completed": b.completed,
+                "correct": b.correct,
+            }
+            for b in report.batches
+        ],
+        "previews": {
+            "requests": report.previews.get("preview", (0, 0))[1],
+            "sessions": report.previews.get("preview", (0, 0))[0],
+        },
+    }
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(to_json(report), indent=2) + "\n"
+
+
+# -- Markdown ------------------------------------------------------------------
+
+
+def _percent(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value * 100:.{digits}f}%"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str) -> list[str]:
+    """A Markdown table; ``align`` has one letter per column, l or r."""
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join(" ---: " if a == "r" else " --- " for a in align) + "|")
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def _count(value: int) -> str:
+    return f"{value:,}"
+
+
+def _dollars(reward: str | None) -> str:
+    return "reward unknown" if reward is None else f"${reward}"
+
+
+def _batch_name(batch: str | None) -> str:
+    return "(no batch)" if batch is None else batch
+
+
+def _table1(report: Report) -> list[str]:
+    shown = [c for c in report.countries if c.country != UNKNOWN][: report.top]
+    rest = [c for c in report.countries if c not in shown]
+    rows = [
+        (f"{report.name(c.country)} ({c.country})", _count(c.ipv4_addresses), _percent(c.share, 1))
+        for c in shown
+    ]
+    others = [c for c in rest if c.country != UNKNOWN]
+    if others:
+        count = sum(c.ipv4_addresses for c in others)
+        label = f"Others ({len(others)} {'country' if len(others) == 1 else 'countries'})"
+        rows.append((label, _count(count), _percent(count / report.ipv4_addresses, 1)))
+    rows += [
+        (report.name(c.country), _count(c.ipv4_addresses), _percent(c.share, 1))
+        for c in rest
+        if c.country == UNKNOWN
+    ]
+    total = report.ipv4_addresses
+    rows.append(("**Total**", _count(total), "100%" if total else "–"))
+    return [
+        "## Table 1: Distribution of workers' geolocated IPv4 addresses",
+        "",
+        *_table(("Country", "IPv4 addresses", "Share"), rows, "lrr"),
+    ]
+
+
+def _adoption_row(report: Report, label: str, a: Adoption) -> tuple[str, ...]:
+    mark = " *" if a.rate is not None and report.small(a) else ""
+    interval = (
+        "–" if a.ci95_low is None else f"{_percent(a.ci95_low, 2)} – {_percent(a.ci95_high, 2)}"
+    )
+    return (
+        label,
+        _count(a.ipv4_addresses),
+        _count(a.native_ipv6),
+        _percent(a.rate, 2) + mark,
+        interval,
+    )
+
+
+def _table2(report: Report) -> list[str]:
+    shown = [a for a in report.by_country if a.country != UNKNOWN][: report.top]
+    shown += [a for a in report.by_country if a.country == UNKNOWN]
+    rows = [_adoption_row(report, "Overall", report.overall)]
+    rows += [_adoption_row(report, report.name(a.country), a) for a in shown]
+    hidden = len(report.by_country) - len(shown)
+    lines = [
+        "## Table 2: IPv6 adoption (IPv4 addresses with native IPv6 ÷ IPv4 addresses)",
+        "",
+        *_table(
+            ("", "IPv4 addresses", "native IPv6", "adoption", "95% interval (Wilson)"),
+            rows,
+            "lrrrr",
+        ),
+        "",
+        f"\\* fewer than {report.min_sample} IPv4 addresses: too small a sample to say anything.",
+    ]
+    if hidden:
+        lines.append(f"{hidden} more countries are in the CSV and JSON output.")
+    return lines
+
+
+def _ipv6(report: Report) -> list[str]:
+    rows = [(DESCRIPTIONS.get(cls, cls), _count(n)) for cls, n in report.ipv6_classes.items()]
+    rows.append(("**Total**", _count(report.ipv6_addresses)))
+    lines = [
+        "## IPv6 addresses by class",
+        "",
+        "Unique IPv6 addresses that fetched blue balls. Only native addresses count"
+        " towards adoption.",
+        "",
+        *_table(("Class", "IPv6 addresses"), rows, "lr"),
+        "",
+        "### Native IPv6 addresses by provider",
+        "",
+    ]
+    if report.providers:
+        lines += _table(
+            ("ASN", "Organisation", "Addresses"),
+            (
+                (f"AS{p.asn}" if p.asn is not None else "unknown", p.org, _count(p.addresses))
+                for p in report.providers
+            ),
+            "llr",
+        )
+    else:
+        lines.append("No native IPv6 address.")
+    if report.tunnels:
+        lines += [
+            "",
+            "### Tunnelled and translated IPv6 by the network of their embedded IPv4 address",
+            "",
+            "A Teredo or 6to4 address would geolocate to its relay; these rows locate the"
+            " IPv4 address inside it instead (for Teredo, the client's public address).",
+            "",
+            *_table(
+                ("Class", "Country", "ASN", "Organisation", "Addresses"),
+                (
+                    (
+                        t.cls,
+                        report.name(t.country),
+                        f"AS{t.asn}" if t.asn is not None else "unknown",
+                        t.org,
+                        _count(t.addresses),
+                    )
+                    for t in report.tunnels
+                ),
+                "lllll",
+            ),
+        ]
+    return lines
+
+
+def _table3(report: Report) -> list[str]:
+    lines = ["## Table 3: Completed and correct (red count right) HITs by reward", ""]
+    if not report.batches:
+        return [*lines, "No completed HIT."]
+    rewards = sorted({b.reward for b in report.batches}, key=_reward)
+    countries: list[str] = []
+    cells: dict[tuple[str, str | None], list[int]] = {}
+    for b in report.batches:
+        if b.country not in countries:
+            countries.append(b.country)
+        cell = cells.setdefault((b.country, b.reward), [0, 0])
+        cell[0] += b.completed
+        cell[1] += b.correct
+    countries.sort(
+        key=lambda c: (c == UNKNOWN, -sum(v[0] for k, v in cells.items() if k[0] == c), c)
+    )
+    header = ["Country"]
+    for reward in rewards:
+        header += [f"{_dollars(reward)} total", f"{_dollars(reward)} correct"]
+    rows = []
+    for country in countries:
+        row = [report.name(country)]
+        for reward in rewards:
+            total, correct = cells.get((country, reward), (0, 0))
+            row += [_count(total), _count(correct)]
+        rows.append(row)
+    lines += _table(header, rows, "l" + "rr" * len(rewards))
+    lines += [
+        "",
+        "Per batch:",
+        "",
+        *_table(
+            ("Batch", "Reward", "Country", "Completed", "Correct"),
+            (
+                (
+                    _batch_name(b.batch),
+                    _dollars(b.reward),
+                    report.name(b.country),
+                    _count(b.completed),
+                    _count(b.correct),
+                )
+                for b in report.batches
+            ),
+            "lllrr",
+        ),
+    ]
+    return lines
+
+
+def _previews(report: Report) -> list[str]:
+    labels = {
+        "preview": "previews",
+        "accepted": "accepted assignments",
+        "direct": "direct visits",
+    }
+    rows = []
+    total_sessions = total_requests = 0
+    for visit, label in labels.items():
+        sessions, requests = report.previews.get(visit, (0, 0))
+        total_sessions += sessions
+        total_requests += requests
+        rows.append((label, _count(sessions), _count(requests)))
+    _, other = report.previews.get("none", (0, 0))
+    total_requests += other
+    rows.append(("not tied to a session", "–", _count(other)))
+    rows.append(("**Total**", _count(total_sessions), _count(total_requests)))
+    _, preview_requests = report.previews.get("preview", (0, 0))
+    lines = [
+        "## Previews (§4.4)",
+        "",
+        *_table(("", "Sessions", "HTTP requests"), rows, "lrr"),
+    ]
+    if total_requests:
+        lines += [
+            "",
+            f"{_count(preview_requests)} of {_count(total_requests)} HTTP requests"
+            f" ({_percent(preview_requests / total_requests, 1)}) came from workers"
+            " previewing the HIT.",
+        ]
+    return lines
+
+
+def render_markdown(report: Report, figure: str | None = None) -> str:
+    sources = "; ".join(report.geoip_builds) if report.geoip_builds else "none (all unknown)"
+    lines = [
+        "# IPv6 adoption through the ball-counting survey",
+        "",
+        f"{_count(report.sessions['total'])} sessions ({_count(report.sessions['previews'])}"
+        f" previews, {_count(report.sessions['accepted'])} accepted assignments,"
+        f" {_count(report.sessions['direct'])} direct visits);"
+        f" {_count(report.ipv4_addresses)} unique IPv4 and {_count(report.ipv6_addresses)}"
+        " unique IPv6 addresses.",
+        "",
+        f"GeoIP answers from: {sources}.",
+        "",
+        "Every session counts, previews and direct visits included, as the paper counted"
+        " every HTTP request (§4.4). An IPv4 address has native IPv6 when the blue balls of"
+        " any of its sessions were fetched from a native IPv6 address; Teredo, 6to4 and"
+        " other classes are counted below but not as native.",
+        "",
+        *_table1(report),
+        "",
+        *_table2(report),
+        "",
+        *_ipv6(report),
+        "",
+        *_table3(report),
+        "",
+        "## Figure 2: Completed HITs by hours since the batch was published",
+        "",
+        f"![Figure 2]({figure})"
+        if figure
+        else "Written as figure2.png and figure2.csv with --out.",
+        "",
+        *_previews(report),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- CSV -----------------------------------------------------------------------
+
+
+def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _adoption_csv_row(report: Report, a: Adoption) -> tuple[Any, ...]:
+    small = int(report.small(a)) if a.rate is not None else ""
+    return (a.country, a.ipv4_addresses, a.native_ipv6, a.rate, a.ci95_low, a.ci95_high, small)
+
+
+def render_csv(report: Report) -> dict[str, str]:
+    """One CSV document per table, by file name."""
+    return {
+        "sessions.csv": _csv(("visit", "sessions"), report.sessions.items()),
+        "table1_countries.csv": _csv(
+            ("country", "country_name", "ipv4_addresses", "share"),
+            ((c.country, c.name or "", c.ipv4_addresses, c.share) for c in report.countries),
+        ),
+        "table2_adoption.csv": _csv(
+            (
+                "country",
+                "ipv4_addresses",
+                "native_ipv6",
+                "rate",
+                "ci95_low",
+                "ci95_high",
+                "small_sample",
+            ),
+            [_adoption_csv_row(report, report.overall)]
+            + [_adoption_csv_row(report, a) for a in report.by_country],
+        ),
+        "ipv6_classes.csv": _csv(("class", "addresses"), report.ipv6_classes.items()),
+        "providers.csv": _csv(
+            ("asn", "org", "addresses"),
+            ((p.asn if p.asn is not None else "", p.org, p.addresses) for p in report.providers),
+        ),
+        "tunnels.csv": _csv(
+            ("class", "country", "asn", "org", "addresses"),
+            (
+                (t.cls, t.country, t.asn if t.asn is not None else "", t.org, t.addresses)
+                for t in report.tunnels
+            ),
+        ),
+        "table3_batches.csv": _csv(
+            ("batch", "reward", "country", "completed", "correct"),
+            (
+                (b.batch or "", b.reward or "", b.country, b.completed, b.correct)
+                for b in report.batches
+            ),
+        ),
+        "previews.csv": _csv(
+            ("visit", "sessions", "requests"),
+            ((visit, s, r) for visit, (s, r) in report.previews.items()),
+        ),
+    }
+
+
+def figure_csv(report: Report) -> str:
+    return _csv(
+        ("country", "batch", "reward", "hours", "completed"),
+        (
+            (c.country, c.batch or "", c.reward or "", f"{h:.6f}", n)
+            for c in report.curves
+            for h, n in zip(c.hours, c.completed, strict=True)
+        ),
+    )
+
+
+def write_outputs(report: Report, fmt: str, out: Path) -> list[Path]:
+    """Write the report in ``fmt`` and Figure 2 (PNG and CSV) into ``out``."""
+    from .figure import write_png  # matplotlib loads only when a figure is drawn
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    png = out / "figure2.png"
+    write_png(report, png)
+    (out / "figure2.csv").write_text(figure_csv(report), encoding="utf-8")
+    written += [png, out / "figure2.csv"]
+    if fmt == "md":
+        path = out / "report.md"
+        path.write_text(render_markdown(report, figure=png.name), encoding="utf-8")
+        written.append(path)
+    elif fmt == "json":
+        path = out / "report.json"
+        path.write_text(render_json(report), encoding="utf-8")
+        written.append(path)
+    else:
+        for name, text in render_csv(report).items():
+            (out / name).write_text(text, encoding="utf-8")
+            written.append(out / name)
+    return written
