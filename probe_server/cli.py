@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="look every address up again in the configured databases",
     )
-    report_parser.set_defaults(func=cmd_report)
+    # Its output is for people: migrations and lookups are not news.
+    report_parser.set_defaults(func=cmd_report, default_log_level="WARNING")
 
     check_parser = commands.add_parser(
         "check",

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 # RFC 5424 severities; journald's SyslogLevelPrefix= reads "<N>".
 _PRIORITY = {
@@ -80,7 +81,7 @@ def formatter(fmt: str) -> logging.Formatter:
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Send every log record at ``level`` or above to stderr, one line each."""
-    handler = _StderrHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(formatter(fmt))
     root = logging.getLogger()
     # Replace only our own handler (set up again once the config is read);
@@ -94,4 +95,20 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """The handler :func:`setup_logging` installs."""
+    """The handler :func:`setup_logging` installs.
+
+    It writes to whatever ``sys.stderr`` is at the time of each record, not
+    the one current when it was made: a caller (a test harness, an embedding
+    program) may replace or close that stream.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass

@@ -3,6 +3,7 @@ a fake MTurk, and a guard that keeps every AWS call on loopback."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -69,6 +70,17 @@ EXAMPLE_ZONES = [
     str(ROOT / "dns" / "example.org.zone"),
     str(ROOT / "dns" / "v6ns.example.org.zone"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def fresh_logging() -> Iterator[None]:
+    """Undo what a test's main() did to logging, so tests don't leak into each other."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in [h for h in root.handlers if type(h).__name__ == "_StderrHandler"]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -8,14 +8,12 @@ database exactly as live traffic would.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from mmdb_writer import MmdbU32, MMDBWriter
 from netaddr import IPSet
 
@@ -25,20 +23,6 @@ from probe_server.tokens import new_token
 from probe_server.web import INSERT_ANSWER, INSERT_REQUEST, INSERT_SESSION
 
 SECRET = b"report tests: any key will do"
-
-
-@pytest.fixture(autouse=True)
-def fresh_logging() -> Iterator[None]:
-    """Drop the stderr handler main() installs once the test is over.
-
-    It holds the sys.stderr of the test that called main(), which pytest
-    closes afterwards; code that logs before the next main() (migrations,
-    say) would write to it. Imported by the report tests, autouse there.
-    """
-    yield
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if type(h).__name__ == "_StderrHandler"]:
-        root.removeHandler(handler)
 
 
 T0 = 1_700_000_000.0

@@ -22,7 +22,6 @@ from .helpers import (
     Population,
     asn_db,
     country_db,
-    fresh_logging,  # noqa: F401 - autouse fixture
     teredo,
 )
 

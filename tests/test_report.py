@@ -27,7 +27,6 @@ from .helpers import (
     Population,
     asn_db,
     country_db,
-    fresh_logging,  # noqa: F401 - autouse fixture
     teredo,
     wilson_by_bisection,
 )

@@ -14,7 +14,6 @@ import pytest
 
 from probe_server.cli import main
 
-from .helpers import fresh_logging  # noqa: F401 - autouse fixture
 from .rehearsal import BATCHES, Rehearsal
 
 

@@ -21,7 +21,6 @@ from .helpers import (
     T0,
     asn_db,
     country_db,
-    fresh_logging,  # noqa: F401 - autouse fixture
 )
 from .test_web import Page, fetch
 
