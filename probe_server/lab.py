@@ -45,7 +45,7 @@ def sixtofour_address(ipv4: str, host: int = 1) -> str:
     return str(ipaddress.IPv6Address(prefix | host))
 
 
-def teredo_address(server: str, client: str, port: int, flags: int = 0x8000) -> str:
+def teredo_address(server: str, client: str, port: int, flags: int = 0) -> str:
     """A Teredo address: 2001:0::/32, server IPv4, flags, and the client's
     port and IPv4 each XORed with all ones (RFC 4380 §4)."""
     value = (0x20010000 << 96) | (int(ipaddress.IPv4Address(server)) << 64)
@@ -83,7 +83,7 @@ def default_hosts() -> list[Host]:
         Host(
             "teredo",
             "192.0.2.40/24",
-            (teredo_address(TEREDO_SERVER, "203.0.113.40", 40000) + "/32",),
+            (teredo_address(TEREDO_SERVER, "203.0.113.40", 40000, flags=0x8000) + "/32",),
             resolver=SERVER_V4,
         ),
         Host("v6only", None, ("2d00:1::60/64",), resolver=SERVER_V6),

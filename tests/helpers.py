@@ -62,20 +62,6 @@ def asn_db(path: Path, networks: dict[str, tuple[int, str]]) -> Path:
     return path
 
 
-def teredo(server: str, client: str, port: int, flags: int = 0) -> str:
-    """The Teredo address RFC 4380 §4 gives a client."""
-    from ipaddress import IPv4Address, IPv6Address
-
-    value = (
-        0x20010000 << 96
-        | int(IPv4Address(server)) << 64
-        | flags << 48
-        | (port ^ 0xFFFF) << 32
-        | (int(IPv4Address(client)) ^ 0xFFFFFFFF)
-    )
-    return str(IPv6Address(value))
-
-
 @dataclass
 class Population:
     """Sessions, requests and answers as the server would log them."""

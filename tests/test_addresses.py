@@ -7,8 +7,7 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 
 from probe_server.analysis.addresses import CLASSES, classify, decode_teredo
-
-from .helpers import teredo
+from probe_server.lab import teredo_address
 
 
 def test_teredo_example_from_rfc_4380_decodes_every_field():
@@ -27,7 +26,7 @@ def test_teredo_example_from_rfc_4380_decodes_every_field():
 
 
 def test_teredo_agrees_with_the_stdlib_where_the_stdlib_decodes():
-    address = teredo("203.0.113.9", "198.51.100.200", 51413, flags=0x0A35)
+    address = teredo_address("203.0.113.9", "198.51.100.200", 51413, flags=0x0A35)
     stdlib_server, stdlib_client = IPv6Address(address).teredo  # type: ignore[misc]
     decoded = decode_teredo(IPv6Address(address))
     assert (decoded.server, decoded.client) == (stdlib_server, stdlib_client)
@@ -35,7 +34,7 @@ def test_teredo_agrees_with_the_stdlib_where_the_stdlib_decodes():
 
 
 def test_teredo_is_classified_although_the_stdlib_calls_it_not_global():
-    address = teredo("65.54.227.120", "198.51.100.129", 40000)
+    address = teredo_address("65.54.227.120", "198.51.100.129", 40000)
     assert IPv6Address(address).is_global is False
     assert classify(address).cls == "teredo"
 

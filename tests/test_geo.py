@@ -14,6 +14,7 @@ import pytest
 from probe_server.analysis.geo import enrich, ensure_schema, geolocate, open_geoip
 from probe_server.cli import main
 from probe_server.config import Config, ConfigError
+from probe_server.lab import teredo_address
 from probe_server.store import migrations, open_sync
 from probe_server.testing import write_config
 
@@ -22,7 +23,6 @@ from .helpers import (
     Population,
     asn_db,
     country_db,
-    teredo,
 )
 
 US = {"198.51.100.0/24": ("US", "United States"), "2601::/20": ("US", "United States")}
@@ -150,7 +150,7 @@ async def test_city_database_and_networks_that_do_not_follow_octets(tmp_path):
 
 
 async def test_tunnels_are_located_by_their_embedded_ipv4(tmp_path):
-    address = teredo("65.54.227.120", "198.51.100.50", 3544)
+    address = teredo_address("65.54.227.120", "198.51.100.50", 3544)
     db = tmp_path / "probe.db"
     await small_population(db, ["198.51.100.50"], ipv6=address)
     path = country_db(tmp_path / "country.mmdb", {**US, "65.54.227.0/24": ("IE", "Ireland")})

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,10 @@ from typing import Any
 import pytest
 
 from probe_server import lab as netlab
+from probe_server.analysis.addresses import classify
 from probe_server.testing import ServerProcess, require_tool, write_config
+
+from .helpers import asn_db, country_db
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.lab
@@ -50,6 +54,7 @@ class LabRun:
         self.workdir = workdir
         self.results: dict[str, dict[str, Any]] = {}
         self.plain: dict[str, dict[str, Any]] = {}
+        self.report: dict[str, Any] = {}
 
     def db(self, sql: str, *params: Any) -> list[sqlite3.Row]:
         with sqlite3.connect(self.workdir / "probe.db") as conn:
@@ -120,7 +125,53 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
             status = loop.run_until_complete(_stopped(server))
             loop.close()
             assert status == 0, server.stderr.decode()[-2000:]
+        state.report = _report(workdir)
         yield state
+
+
+# The lab's GeoIP: its IPv4 clients in three countries, its native IPv6
+# prefix in one network. The report must find exactly this population.
+LAB_COUNTRIES = {
+    "192.0.2.10/32": ("US", "United States"),
+    "192.0.2.20/32": ("US", "United States"),
+    "192.0.2.30/32": ("IN", "India"),
+    "192.0.2.40/32": ("GB", "United Kingdom"),
+}
+LAB_NETWORKS = {"2d00:1::/64": (64500, "Lab Native Networks")}
+
+
+def _report(workdir: Path) -> dict[str, Any]:
+    """The real ``probe-server report --format json`` on the lab's database."""
+    geo = write_config(
+        workdir / "geo.toml",
+        {
+            "geoip": {
+                "country_db": str(country_db(workdir / "country.mmdb", LAB_COUNTRIES)),
+                "asn_db": str(asn_db(workdir / "asn.mmdb", LAB_NETWORKS)),
+            }
+        },
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "probe_server",
+            "report",
+            "--db",
+            str(workdir / "probe.db"),
+            "--config",
+            str(geo),
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
 
 
 async def _stopped(server: ServerProcess) -> int:
@@ -169,13 +220,16 @@ def test_dual_stack_client_is_correlated_with_its_ipv6(run: LabRun) -> None:
     }
     assert session["blue_fetched"] == session["blue_count"]
     assert session["red_correct"] == 1 and session["blue_reported"] == session["blue_count"]
+    assert classify(session["ipv6"]).native
 
 
 def test_6to4_client_fetches_over_its_6to4_address(run: LabRun) -> None:
     session = run.session("sixtofour")
     assert session is not None, run.results["sixtofour"]
     assert session["ipv6"] == run.lab.address("sixtofour", 6)
-    assert session["ipv6"].startswith("2002:")
+    sixtofour = classify(session["ipv6"])
+    assert sixtofour.cls == "6to4" and not sixtofour.native
+    assert sixtofour.embedded_ipv4 == run.lab.address("sixtofour", 4)
 
 
 def test_teredo_client(run: LabRun) -> None:
@@ -186,6 +240,14 @@ def test_teredo_client(run: LabRun) -> None:
     assert plain["seen"]["blue"] == session["blue_count"] > 0
     assert session["ipv6"] == run.lab.address("teredo", 6)
     assert session["ipv4"] == run.lab.address("teredo", 4)
+    teredo = classify(session["ipv6"])
+    assert teredo.cls == "teredo" and not teredo.native
+    assert teredo.teredo is not None
+    assert (str(teredo.teredo.server), str(teredo.teredo.client), teredo.teredo.port) == (
+        netlab.TEREDO_SERVER,
+        "203.0.113.40",
+        40000,
+    )
 
 
 def test_chromium_ignores_a_teredo_only_address(run: LabRun) -> None:
@@ -225,3 +287,48 @@ def test_every_visit_reached_only_its_own_sessions(run: LabRun) -> None:
     clients = {run.lab.address(role, 4): role for role in CLIENTS if run.lab.address(role, 4)}
     assert {clients[s["ipv4"]] for s in sessions} == {"v4only", "dualstack", "sixtofour", "teredo"}
     assert {s["visit"] for s in sessions} == {"accepted"}
+
+
+def test_report_matches_the_lab_population(run: LabRun) -> None:
+    report = run.report
+    # Five sessions: four browsers with IPv4 and the plain Teredo client; the
+    # IPv6-only client never got a page.
+    assert report["sessions"] == {"total": 5, "previews": 0, "accepted": 5}
+    assert report["ipv4_addresses"] == 4
+    assert report["ipv6_addresses"] == 3
+    classes = {name: n for name, n in report["ipv6_classes"].items() if n}
+    assert classes == {"native": 1, "6to4": 1, "teredo": 1}
+    countries = {c["country"]: c["ipv4_addresses"] for c in report["countries"]}
+    assert countries == {"US": 2, "IN": 1, "GB": 1}
+    # Only the dual-stack client counts as native: 1 of 4 IPv4 addresses; 6to4
+    # and Teredo are counted as IPv6 but not as adoption, as in the paper.
+    overall = report["adoption"]["overall"]
+    assert (overall["ipv4_addresses"], overall["native_ipv6"]) == (4, 1)
+    assert overall["rate"] == pytest.approx(0.25)
+    assert overall["ci95_low"] < 0.25 < overall["ci95_high"]
+    by_country = {
+        a["country"]: (a["ipv4_addresses"], a["native_ipv6"])
+        for a in report["adoption"]["by_country"]
+    }
+    assert by_country == {"US": (2, 1), "IN": (1, 0), "GB": (1, 0)}
+    assert report["providers"] == [{"asn": 64500, "org": "Lab Native Networks", "addresses": 1}]
+
+
+def test_lab_is_torn_down_after_a_failure_and_after_a_dead_run() -> None:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    hosts = [netlab.Host("server", f"{netlab.SERVER_V4}/24", (f"{netlab.SERVER_V6}/64",))]
+    built = netlab.Lab(hosts, tag=f"{os.getpid()}x")
+    with pytest.raises(RuntimeError), built:
+        assert any(n.startswith(built.ns("")) for n in netlab._live_namespaces())
+        raise RuntimeError("a test failed inside the lab")
+    assert not any(n.startswith(built.ns("")) for n in netlab._live_namespaces())
+    # A lab whose process was killed leaves namespaces behind; the next lab
+    # sweeps them away. PID 1 is never a lab, so use a free-looking number.
+    dead = netlab.Lab(hosts, tag="4194303")
+    dead.up()
+    assert any(n.startswith(dead.ns("")) for n in netlab._live_namespaces())
+    netlab.sweep_stale()
+    assert not any(n.startswith(dead.ns("")) for n in netlab._live_namespaces())
+    assert not (netlab.NETNS_ETC / dead.ns("server")).exists()

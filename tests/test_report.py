@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from probe_server.cli import main
+from probe_server.lab import teredo_address
 from probe_server.store import open_sync
 from probe_server.testing import write_config
 from probe_server.tokens import new_token
@@ -27,11 +28,10 @@ from .helpers import (
     Population,
     asn_db,
     country_db,
-    teredo,
     wilson_by_bisection,
 )
 
-TEREDO = teredo("65.54.227.120", "198.51.100.129", 40000)
+TEREDO = teredo_address("65.54.227.120", "198.51.100.129", 40000)
 
 COUNTRIES = {
     "198.51.100.0/25": ("US", "United States"),

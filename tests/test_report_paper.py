@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from probe_server.cli import main
+from probe_server.lab import teredo_address
 from probe_server.testing import write_config
 
 from .helpers import (
@@ -20,7 +21,6 @@ from .helpers import (
     Population,
     asn_db,
     country_db,
-    teredo,
 )
 
 # Table 1 of the paper lists 322 + 148 + 13 + 7 + 7 + 3 + 28 = 528 addresses
@@ -82,7 +82,7 @@ async def paper(tmp_path: Path) -> tuple[Path, Path]:
     us = [a for a, c in addresses if c == "US"]
     india = [a for a, c in addresses if c == "IN"]
     ipv6 = dict(zip(us, native, strict=False))
-    ipv6 |= {a: teredo("65.54.227.120", a, 40000 + i) for i, a in enumerate(india[:9])}
+    ipv6 |= {a: teredo_address("65.54.227.120", a, 40000 + i) for i, a in enumerate(india[:9])}
     ipv6 |= {
         a: str(IPv6Address(0x2002 << 112 | int(IPv4Address(a)) << 80 | 1)) for a in india[9:20]
     }
