@@ -114,6 +114,11 @@ class ReportingTranslations(Translations):
         result: str = super().ngettext(singular, plural, n)
         return result
 
+    # jinja2 prefers the u- names, which Babel binds to the plain gettext
+    # methods of its base class: point them at the reporting ones.
+    ugettext = gettext
+    ungettext = ngettext
+
 
 def load_translations(language: str) -> NullTranslations:
     """The language's translations (English: the messages as written)."""
