@@ -133,14 +133,17 @@ def write_speedtests_png(speedtests: SpeedTests, path: Path) -> None:
     tests = [(t.test, t.name) for t in speedtests.tools]
     figure = Figure(figsize=(max(6.4, 0.45 * len(points) + 3), 7.2), layout="constrained")
     axes = figure.subplots(2, 1, sharex=True, squeeze=False)[:, 0]
-    markers = "oso^vD<>ph"
+    markers = "os^vD<>ph*"
+    # Each tool a little to the side of the column, so equal speeds stay visible.
+    width = min(0.5, 0.1 * len(tests))
     for ax, direction in zip(axes, ("download", "upload"), strict=True):
         for index, (test, name) in enumerate(tests):
+            offset = (index / (len(tests) - 1) - 0.5) * width if len(tests) > 1 else 0.0
             xs, ys = [], []
             for x, point in enumerate(points):
                 for speed in point.speeds:
                     if speed.test == test:
-                        xs.append(x)
+                        xs.append(x + offset)
                         ys.append(getattr(speed, f"{direction}_mbps"))
             ax.scatter(xs, ys, label=name, marker=markers[index % len(markers)], alpha=0.8)
         ax.set_yscale("log")
