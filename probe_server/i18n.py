@@ -108,10 +108,10 @@ class ReportingTranslations(Translations):
         result: str = super().gettext(message)
         return result
 
-    def ngettext(self, singular: str, plural: str, n: int) -> str:
-        if (singular, 0) not in self._catalog:
-            self._miss(singular)
-        result: str = super().ngettext(singular, plural, n)
+    def ngettext(self, msgid1: str, msgid2: str, n: int) -> str:
+        if (msgid1, 0) not in self._catalog:
+            self._miss(msgid1)
+        result: str = super().ngettext(msgid1, msgid2, n)
         return result
 
     # jinja2 prefers the u- names, which Babel binds to the plain gettext
