@@ -406,7 +406,9 @@ def add_commands(commands: Any) -> None:
     sync.set_defaults(func=cmd_sync)
 
     review = actions.add_parser(
-        "review", parents=[experiment], help="approve right red counts, reject wrong ones"
+        "review",
+        parents=[experiment],
+        help="apply each kind's rule: right red counts, stored speed-test or tool reports",
     )
     review.add_argument("--approve-all", action="store_true", help="approve every submission")
     review.add_argument("--dry-run", action="store_true", help="print the decisions only")

@@ -77,17 +77,3 @@ FROM tool_reports r
 JOIN sessions s ON s.token = r.session_token
 LEFT JOIN hits h ON h.hit_id = s.hit_id
 WHERE r.id = (SELECT min(x.id) FROM tool_reports x WHERE x.session_token = r.session_token);
-
--- Table 3 counts the ball-counting HITs (a red count is right or wrong);
--- batches of the other kinds have their own tables in the report.
-DROP VIEW report_batches;
-CREATE VIEW report_batches AS
-SELECT batch,
-       max(reward) AS reward,
-       country,
-       count(*) AS completed,
-       sum(correct) AS correct
-FROM report_completions
-WHERE batch IS NULL OR batch NOT IN (SELECT name FROM batches WHERE kind <> 'balls')
-GROUP BY batch, country
-ORDER BY country, CAST(max(reward) AS REAL), batch;
