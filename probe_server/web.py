@@ -59,6 +59,8 @@ INSERT_REQUEST = (
     "INSERT INTO requests (t, site, addr, port, method, path, kind, token, token_ok,"
     " ball, status, bytes, user_agent) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+# A session with the defaults of schema 0006 (balls, English); the test and
+# benchmark populations write sessions with it.
 INSERT_SESSION = (
     "INSERT INTO sessions (token, created, ipv4, port, user_agent, red_count, blue_count,"
     " visit, assignment_id, hit_id, worker_id, turk_submit_to, batch)"
