@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format bench bench-dns bench-report clean venv
+.PHONY: run test lint format messages bench bench-dns bench-report clean venv
 
 venv: $(STAMP)
 
@@ -25,6 +25,15 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format probe_server tests bench
 	$(BIN)/ruff check --fix probe_server tests bench
+
+# The survey's message catalogues: extract every message of the templates and
+# code into messages.pot, then merge new and changed ones into each language's
+# .po (they show as untranslated until a translator fills them in).
+messages: $(STAMP)
+	$(BIN)/pybabel extract -F babel.cfg -k N_ --no-location --sort-output --omit-header \
+		-o probe_server/locale/messages.pot .
+	$(BIN)/pybabel update -i probe_server/locale/messages.pot -d probe_server/locale \
+		--no-location --no-fuzzy-matching
 
 test: lint
 	$(BIN)/pytest

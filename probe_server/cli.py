@@ -43,6 +43,9 @@ def _demo_banner(config: Config) -> Callable[[Listeners], None]:
             f"  Open the survey in a browser:  http://{ipv4}/\n"
             f"  The same page as an MTurk preview:\n"
             f"    http://{ipv4}/?assignmentId=ASSIGNMENT_ID_NOT_AVAILABLE&hitId=DEMOHIT\n"
+            "  The paper's other experiments, and the pages in other languages:\n"
+            f"    http://{ipv4}/?survey=speedtest   http://{ipv4}/?survey=tool\n"
+            f"    http://{ipv4}/?lang=ja   (ja, tr, hi; with survey=... too)\n"
             "  Then see what was recorded for your visit:\n"
             f"    sqlite3 -header -column {db} '{query}'\n",
             flush=True,

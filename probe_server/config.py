@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -164,6 +165,112 @@ class SurveyConfig(_Model):
         return self
 
 
+def _https_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname or parts.username or parts.password:
+        raise ValueError(f"expected an https:// URL, got {value!r}")
+    return value
+
+
+HttpsUrl = Annotated[str, AfterValidator(_https_url)]
+_HOST = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
+_TEST_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
+def _host(value: str) -> str:
+    if not _HOST.fullmatch(value):
+        raise ValueError(
+            f"expected a lower-case host name such as www.speedtest.net, got {value!r}"
+        )
+    return value
+
+
+Host = Annotated[str, AfterValidator(_host)]
+
+
+class SpeedTest(_Model):
+    """One web speed test the speedtest page lists."""
+
+    # Short name in the form and the database: a-z, 0-9 and '-'.
+    id: str
+    # What the worker sees, e.g. "Speedtest by Ookla".
+    name: str = Field(min_length=1, max_length=64)
+    # Where the worker runs it (a link on the page; the server never fetches it).
+    url: HttpsUrl
+    # Hosts a "share results" link may be on; empty: the test has no share link.
+    share_hosts: tuple[Host, ...] = ()
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _TEST_ID.fullmatch(value):
+            raise ValueError(
+                f"use 1-32 of a-z, 0-9 and '-' (starting with a letter or digit), got {value!r}"
+            )
+        return value
+
+
+# The paper's tools (§3.1): an Ookla-based site, M-Lab's NDT, and others; the
+# researcher lists their own. DSLReports' test, which the paper used, is gone.
+DEFAULT_SPEED_TESTS = (
+    SpeedTest(
+        id="ookla",
+        name="Speedtest by Ookla",
+        url="https://www.speedtest.net/",
+        share_hosts=("www.speedtest.net",),
+    ),
+    SpeedTest(id="ndt", name="M-Lab Speed Test (NDT)", url="https://speed.measurementlab.net/"),
+    SpeedTest(id="cloudflare", name="Cloudflare Speed Test", url="https://speed.cloudflare.com/"),
+)
+
+
+class SpeedTestConfig(_Model):
+    """The speedtest page (experiment kind "speedtest")."""
+
+    tests: tuple[SpeedTest, ...] = Field(default=DEFAULT_SPEED_TESTS, min_length=1, max_length=10)
+    # Reported speeds must be above 0 and at most this many Mbit/s.
+    max_mbps: float = Field(default=10000.0, gt=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _unique(self) -> SpeedTestConfig:
+        ids = [test.id for test in self.tests]
+        for test_id in ids:
+            if ids.count(test_id) > 1:
+                raise ValueError(f"tests: the id {test_id!r} is used twice")
+        return self
+
+
+def _pattern(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"not a regular expression: {e}") from None
+    return value
+
+
+class ToolConfig(_Model):
+    """The run-a-tool page (experiment kind "tool", the paper's §3.2)."""
+
+    # The tool's name as workers see it.
+    name: str = Field(default="Spoofer", min_length=1, max_length=64)
+    # Where workers download it (a link on the page).
+    download_url: HttpsUrl = "https://www.caida.org/projects/spoofer/"
+    # What the tool's report id or URL must match in full (Python regex).
+    report_pattern: Annotated[str, AfterValidator(_pattern)] = (
+        r"(https://spoofer\.caida\.org/report\.php\?sessionid=)?[0-9]{1,12}"
+    )
+    # An example report id shown beside the field.
+    report_example: str = Field(
+        default="https://spoofer.caida.org/report.php?sessionid=1234567", max_length=200
+    )
+
+    @model_validator(mode="after")
+    def _example(self) -> ToolConfig:
+        if not re.fullmatch(self.report_pattern, self.report_example):
+            raise ValueError("report_example: does not match report_pattern")
+        return self
+
+
 def _family(endpoint: str, version: int) -> str:
     if ipaddress.ip_address(parse_endpoint(endpoint)[0]).version != version:
         raise ValueError(f"needs an IPv{version} address, got {endpoint!r}")
@@ -308,6 +415,8 @@ class Config(_Model):
     sites: SitesConfig = SitesConfig()
     database: DatabaseConfig = DatabaseConfig()
     survey: SurveyConfig = SurveyConfig()
+    speedtest: SpeedTestConfig = SpeedTestConfig()
+    tool: ToolConfig = ToolConfig()
     dns: DnsConfig = DnsConfig()
     admin: AdminConfig = AdminConfig()
     logging: LoggingConfig = LoggingConfig()

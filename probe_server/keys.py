@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import aiosqlite
-import jinja2
 from aiohttp import web
 
 from .config import Config
 from .dnsserver import DnsServer
+from .i18n import Pages
 from .metrics import Metrics
 from .store import Writer
 from .tokens import TokenVerifier
@@ -19,7 +19,8 @@ secret_key = web.AppKey("secret", bytes)
 verifier_key = web.AppKey("verifier", TokenVerifier)
 writer_key = web.AppKey("writer", Writer)
 reader_key = web.AppKey("reader", aiosqlite.Connection)
-templates_key = web.AppKey("templates", jinja2.Environment)
+# The survey pages in every shipped language.
+templates_key = web.AppKey("templates", Pages)
 # The base URL of each site ("ipv4", "ipv6") once its socket is bound.
 base_urls_key = web.AppKey("base_urls", dict[str, str])
 # The DNS listeners, when DNS is enabled.

@@ -24,12 +24,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import jinja2
 from aiohttp import web
 
 from . import acme, images, survey
 from .config import Config
 from .dnsserver import DnsServer
+from .i18n import N_, Message, Pages
 from .keys import (
     base_urls_key,
     config_key,
@@ -59,10 +59,25 @@ INSERT_REQUEST = (
     "INSERT INTO requests (t, site, addr, port, method, path, kind, token, token_ok,"
     " ball, status, bytes, user_agent) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+# A session with the defaults of schema 0006 (balls, English); the test and
+# benchmark populations write sessions with it.
 INSERT_SESSION = (
     "INSERT INTO sessions (token, created, ipv4, port, user_agent, red_count, blue_count,"
     " visit, assignment_id, hit_id, worker_id, turk_submit_to, batch)"
     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+# The same, with the kind of page and its language (schema 0006).
+INSERT_SESSION_OF_KIND = (
+    "INSERT INTO sessions (token, created, ipv4, port, user_agent, red_count, blue_count,"
+    " visit, assignment_id, hit_id, worker_id, turk_submit_to, batch, survey, language)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+INSERT_SPEEDTEST = (
+    "INSERT INTO speedtest_reports (session_token, t, addr, test, name, download_mbps,"
+    " upload_mbps, share_url) VALUES (?,?,?,?,?,?,?,?)"
+)
+INSERT_TOOL_REPORT = (
+    "INSERT INTO tool_reports (session_token, t, addr, tool, report) VALUES (?,?,?,?,?)"
 )
 INSERT_ANSWER = (
     "INSERT INTO answers (session_token, t, addr, red_reported, blue_reported, red_correct)"
@@ -132,16 +147,26 @@ def content_security_policy(worker_sites: tuple[str, ...]) -> str:
     return f"frame-ancestors {' '.join(dict.fromkeys(framing.split()))}; form-action {forms}"
 
 
-def _page(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
-    html = request.app[templates_key].get_template(template).render(**context)
+def _page(
+    request: web.Request, template: str, language: str, status: int = 200, **context: Any
+) -> web.Response:
+    html = request.app[templates_key].render(language, template, **context)
     response = web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
     response.headers["Content-Security-Policy"] = request.app[csp_key]
+    response.headers["Content-Language"] = language
     _no_store(response)
     return response
 
 
-def _bad_request(request: web.Request, message: str) -> web.Response:
-    return _page(request, "error.html", status=400, message=message)
+def _bad_request(request: web.Request, message: Message, language: str) -> web.Response:
+    text = request.app[templates_key].message(language, message)
+    return _page(request, "error.html", language, status=400, message=text)
+
+
+# The hidden probe images of the speedtest and tool pages: one of each colour.
+PROBES_PER_COLOUR = 1
+# The page of each kind of survey (the ball page keeps its old name).
+TEMPLATES = {"balls": "survey.html", "speedtest": "speedtest.html", "tool": "tool.html"}
 
 
 # -- IPv4 site ---------------------------------------------------------------
@@ -149,21 +174,35 @@ def _bad_request(request: web.Request, message: str) -> web.Response:
 
 @on_sites(IPV4)
 async def survey_page(request: web.Request) -> web.StreamResponse:
+    """The survey: the ball page, the speedtest page or the tool page (``?survey=``).
+
+    Every kind makes a session and tags its probe images with the session's
+    token: the ball page's balls are the probes; the other pages carry one
+    hidden red and one hidden blue image, so the worker's IPv4 and IPv6
+    addresses are recorded and correlated the same way.
+    """
     config = request.app[config_key]
+    pages = request.app[templates_key]
     probe = request[probe_key]
     probe.kind = "survey"
+    language = survey.page_language(request.query.get("lang"), pages.languages)
     try:
         worker_sites: tuple[str, ...] = request.app[worker_sites_key]
-        visit = survey.parse_visit(request.query, config.survey.batch, worker_sites)
+        visit = survey.parse_visit(
+            request.query, config.survey.batch, worker_sites, pages.languages
+        )
     except survey.BadInput as e:
-        return _bad_request(request, str(e))
+        return _bad_request(request, e.message, language)
     token = new_token(request.app[secret_key])
-    red, blue = survey.draw_counts(config.survey.min_balls, config.survey.max_balls)
+    if visit.survey == "balls":
+        red, blue = survey.draw_counts(config.survey.min_balls, config.survey.max_balls)
+    else:
+        red = blue = PROBES_PER_COLOUR
     address = probe.addr
     probe.token, probe.token_ok, probe.durable = token, True, True
     probe.rows.append(
         (
-            INSERT_SESSION,
+            INSERT_SESSION_OF_KIND,
             (
                 token,
                 time.time(),
@@ -178,18 +217,24 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
                 visit.worker_id,
                 visit.turk_submit_to,
                 visit.batch,
+                visit.survey,
+                visit.language,
             ),
         )
     )
     base_urls = request.app[base_urls_key]
-    return _page(
-        request,
-        "survey.html",
-        token=token,
-        visit=visit,
-        red_urls=survey.ball_urls(base_urls[IPV4], "red", token, red, address),
-        blue_urls=survey.ball_urls(base_urls[IPV6], "blue", token, blue, address),
-    )
+    context: dict[str, Any] = {
+        "token": token,
+        "visit": visit,
+        "red_urls": survey.ball_urls(base_urls[IPV4], "red", token, red, address),
+        "blue_urls": survey.ball_urls(base_urls[IPV6], "blue", token, blue, address),
+    }
+    if visit.survey == "speedtest":
+        context["tests"] = [(test, survey.field_names(test)) for test in config.speedtest.tests]
+        context["max_mbps"] = f"{config.speedtest.max_mbps:g}"
+    elif visit.survey == "tool":
+        context["tool"] = config.tool
+    return _page(request, TEMPLATES[visit.survey], visit.language, **context)
 
 
 async def _ball(request: web.Request, kind: str, body: bytes) -> web.StreamResponse:
@@ -220,43 +265,94 @@ async def blue_ball(request: web.Request) -> web.StreamResponse:
 
 @on_sites(IPV4)
 async def submit(request: web.Request) -> web.StreamResponse:
+    """An answer of any kind of page: validated, stored, then handed on to MTurk."""
     probe = request[probe_key]
     probe.kind = "submit"
+    languages = request.app[templates_key].languages
     try:
         form = await request.post()
     except (ValueError, UnicodeDecodeError):
-        return _bad_request(request, "the form could not be read")
+        return _bad_request(request, Message(N_("the form could not be read")), "en")
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    # Until the session is found, errors use the language the form says.
+    language = survey.page_language(fields.get("lang"), languages)
     token = fields.get("token", "")
     if looks_like_token(token):
         probe.token = token
         probe.token_ok = request.app[verifier_key](token)
     if not probe.token_ok:
-        return _bad_request(request, "this survey session is not valid; please reload the page")
-    try:
-        answer = survey.parse_answer(fields)
-    except survey.BadInput as e:
-        return _bad_request(request, str(e))
+        return _bad_request(
+            request,
+            Message(N_("this survey session is not valid; please reload the page")),
+            language,
+        )
     async with request.app[reader_key].execute(
-        "SELECT red_count, visit, assignment_id, turk_submit_to FROM sessions WHERE token = ?",
+        "SELECT red_count, visit, assignment_id, turk_submit_to, survey, language"
+        " FROM sessions WHERE token = ?",
         (token,),
     ) as cursor:
         session = await cursor.fetchone()
     if session is None:
-        return _bad_request(request, "this survey session is unknown; please reload the page")
-    red_count, visit, assignment_id, turk_submit_to = session
+        return _bad_request(
+            request,
+            Message(N_("this survey session is unknown; please reload the page")),
+            language,
+        )
+    red_count, visit, assignment_id, turk_submit_to, kind, language = session
     if visit == "preview":
         return _bad_request(
-            request, "this is a preview of the HIT: accept the HIT on MTurk, then answer"
+            request,
+            Message(N_("this is a preview of the HIT: accept the HIT on MTurk, then answer")),
+            language,
         )
+    config = request.app[config_key]
+    now = time.time()
+    handed_on: list[tuple[str, str]] = [("token", token)]
+    try:
+        if kind == "speedtest":
+            reports = survey.parse_speedtests(fields, config.speedtest)
+            for report in reports:
+                probe.rows.append(
+                    (
+                        INSERT_SPEEDTEST,
+                        (
+                            token,
+                            now,
+                            probe.addr,
+                            report.test,
+                            report.name,
+                            report.download_mbps,
+                            report.upload_mbps,
+                            report.share_url,
+                        ),
+                    )
+                )
+                handed_on += [
+                    (f"download-{report.test}", f"{report.download_mbps:g}"),
+                    (f"upload-{report.test}", f"{report.upload_mbps:g}"),
+                ]
+                if report.share_url:
+                    handed_on.append((f"share-{report.test}", report.share_url))
+        elif kind == "tool":
+            report_id = survey.parse_tool_report(fields, config.tool)
+            probe.rows.append(
+                (INSERT_TOOL_REPORT, (token, now, probe.addr, config.tool.name, report_id))
+            )
+            handed_on.append(("report", report_id))
+        else:
+            answer = survey.parse_answer(fields)
+            probe.rows.append(
+                (
+                    INSERT_ANSWER,
+                    (token, now, probe.addr, answer.red, answer.blue, answer.red == red_count),
+                )
+            )
+            handed_on += [("red", str(answer.red)), ("blue", str(answer.blue))]
+    except survey.BadInput as e:
+        # Nothing of an invalid answer is stored: its rows were never queued.
+        return _bad_request(request, e.message, language)
     probe.durable = True
-    probe.rows.append(
-        (
-            INSERT_ANSWER,
-            (token, time.time(), probe.addr, answer.red, answer.blue, answer.red == red_count),
-        )
-    )
-    # The record middleware answers only once the answer row is committed:
+    # The record middleware answers only once the answer rows are committed:
     # the browser hands the answer on to MTurk only after we have stored it.
     site = None
     if visit == "accepted" and assignment_id and turk_submit_to:
@@ -264,15 +360,16 @@ async def submit(request: web.Request) -> web.StreamResponse:
         worker_sites: tuple[str, ...] = request.app[worker_sites_key]
         site = survey.worker_site(turk_submit_to, worker_sites)
     if site is None:
-        return _page(request, "thanks.html")
+        return _page(request, "thanks.html", language)
     return _page(
         request,
         "handoff.html",
+        language,
         submit_url=survey.external_submit_url(site),
         assignment_id=assignment_id,
         # Everything but assignmentId becomes an answer in MTurk's
         # QuestionFormAnswers; the token lets review find the session.
-        fields=[("token", token), ("red", str(answer.red)), ("blue", str(answer.blue))],
+        fields=handed_on,
     )
 
 
@@ -447,11 +544,7 @@ def create_app(
         )
     app[secret_key] = secret
     app[verifier_key] = TokenVerifier(secret)
-    app[templates_key] = jinja2.Environment(
-        loader=jinja2.PackageLoader("probe_server", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-    )
+    app[templates_key] = Pages()
     app.cleanup_ctx.append(_database)
     if dns is not None:
         app[dns_key] = dns

@@ -195,6 +195,14 @@ EXPECTED = {
     ],
     # survey + 2 red; survey + 1 red + 2 blue; survey alone; survey + 1 red + 1 blue
     "previews": {"requests": 3 + 4 + 1 + 3, "sessions": 4},
+    # The other two experiments' keys (issue 11): empty for a ball survey.
+    "speedtests": {
+        "vantage_points": [],
+        "tests": [],
+        "download_cv_median": None,
+        "upload_cv_median": None,
+    },
+    "tool_reports": [],
 }
 
 # Figure 2: (country, batch, reward, seconds since publication, cumulative completed).
@@ -374,6 +382,8 @@ def test_csv_tables_and_figure_2(population, geo_config, tmp_path, capsys):
             "tunnels.csv",
             "table3_batches.csv",
             "previews.csv",
+            "speedtests.csv",
+            "tool_reports.csv",
         ]
     )
 

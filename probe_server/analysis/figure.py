@@ -15,7 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .report import UNKNOWN, Curve, Report
+from .report import UNKNOWN, Curve, Report, SpeedTests
 
 MAX_PANELS = 6
 
@@ -113,3 +113,50 @@ def _reward_value(reward: str | None) -> float:
         return float(reward) if reward is not None else math.inf
     except ValueError:
         return math.inf
+
+
+MAX_VANTAGE_POINTS = 40
+
+
+def write_speedtests_png(speedtests: SpeedTests, path: Path) -> None:
+    """Speeds by tool at each vantage point: download above, upload below.
+
+    One column per vantage point (worker and IPv4 address), one marker per
+    tool, on a log scale (speeds span orders of magnitude); the points of one
+    column spread apart as far as the tools disagree (§4.1's "wide variance").
+    The vantage points with the widest download spread come first.
+    """
+    points = sorted(
+        speedtests.vantage_points,
+        key=lambda v: (-(v.download_cv or 0.0), v.worker_id or "", v.ipv4),
+    )[:MAX_VANTAGE_POINTS]
+    tests = [(t.test, t.name) for t in speedtests.tools]
+    figure = Figure(figsize=(max(6.4, 0.45 * len(points) + 3), 7.2), layout="constrained")
+    axes = figure.subplots(2, 1, sharex=True, squeeze=False)[:, 0]
+    markers = "os^vD<>ph*"
+    # Each tool a little to the side of the column, so equal speeds stay visible.
+    width = min(0.5, 0.1 * len(tests))
+    for ax, direction in zip(axes, ("download", "upload"), strict=True):
+        for index, (test, name) in enumerate(tests):
+            offset = (index / (len(tests) - 1) - 0.5) * width if len(tests) > 1 else 0.0
+            xs, ys = [], []
+            for x, point in enumerate(points):
+                for speed in point.speeds:
+                    if speed.test == test:
+                        xs.append(x + offset)
+                        ys.append(getattr(speed, f"{direction}_mbps"))
+            ax.scatter(xs, ys, label=name, marker=markers[index % len(markers)], alpha=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{direction} (Mbit/s)")
+        ax.grid(True, alpha=0.3, which="both")
+    axes[0].legend(title="speed test", fontsize="small")
+    axes[-1].set_xticks(
+        range(len(points)),
+        [f"{p.worker_id or 'direct'}\n{p.ipv4}" for p in points],
+        rotation=60,
+        ha="right",
+        fontsize="x-small",
+    )
+    shown = "" if len(points) == len(speedtests.vantage_points) else f" (widest {len(points)})"
+    figure.suptitle(f"Speed tests by vantage point{shown}")
+    figure.savefig(path, format="png", dpi=100)

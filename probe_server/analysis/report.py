@@ -10,6 +10,10 @@ native. Table 3 and Figure 2 count completed HITs (see ``report_completions``).
 
 The aggregation happens in SQLite; Python sees one row per country, per IPv6
 address, per (batch, country) and per minute of Figure 2.
+
+The other two experiments have their own sections: speed tests (§3.1, §4.1)
+per vantage point (a worker at an IPv4 address) with the spread between
+tools as the coefficient of variation, and the tool reports (§3.2).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import csv
 import io
 import json
 import sqlite3
+import statistics
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -93,6 +98,85 @@ class Curve:
     completed: list[int]  # cumulative, at each of ``hours``
 
 
+@dataclass(frozen=True, slots=True)
+class Speed:
+    """One speed test's results at one vantage point (the mean of its sessions' first reports)."""
+
+    test: str
+    name: str
+    download_mbps: float
+    upload_mbps: float
+    reports: int
+    share_urls: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class VantagePoint:
+    """A worker at an IPv4 address (worker None: direct visits), and what each tool measured."""
+
+    worker_id: str | None
+    ipv4: str
+    ipv6: tuple[str, ...]
+    batches: tuple[str, ...]
+    speeds: tuple[Speed, ...]
+    download_cv: float | None
+    upload_cv: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpeeds:
+    """One speed test across vantage points."""
+
+    test: str
+    name: str
+    vantage_points: int
+    download_median: float
+    upload_median: float
+    download_min: float
+    download_max: float
+    upload_min: float
+    upload_max: float
+
+
+@dataclass
+class SpeedTests:
+    vantage_points: list[VantagePoint] = field(default_factory=list)
+    tools: list[ToolSpeeds] = field(default_factory=list)
+
+    @property
+    def download_cv_median(self) -> float | None:
+        return _median([v.download_cv for v in self.vantage_points if v.download_cv is not None])
+
+    @property
+    def upload_cv_median(self) -> float | None:
+        return _median([v.upload_cv for v in self.vantage_points if v.upload_cv is not None])
+
+
+@dataclass(frozen=True, slots=True)
+class ToolReport:
+    """A session's first report of the run-a-tool page."""
+
+    worker_id: str | None
+    ipv4: str
+    ipv6: tuple[str, ...]
+    batch: str | None
+    tool: str
+    report: str
+    t: float
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def coefficient_of_variation(values: list[float]) -> float | None:
+    """Sample standard deviation over mean: the spread between tools (None below two)."""
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    return statistics.stdev(values) / mean if mean > 0 else None
+
+
 @dataclass
 class Report:
     sessions: dict[str, int]
@@ -109,6 +193,8 @@ class Report:
     names: dict[str, str] = field(default_factory=dict)
     top: int = TOP_COUNTRIES
     min_sample: int = MIN_SAMPLE
+    speedtests: SpeedTests = field(default_factory=SpeedTests)
+    tool_reports: list[ToolReport] = field(default_factory=list)
 
     @property
     def ipv4_addresses(self) -> int:
@@ -221,9 +307,12 @@ def _completions(conn: sqlite3.Connection) -> dict[str, Any]:
     """
     totals: dict[tuple[str, str | None], list[Any]] = {}
     curves: dict[tuple[str, str | None], Curve] = {}
+    # Ball-counting batches only (a red count is right or wrong); the other
+    # kinds have their own sections.
     for country, batch, reward, hours, count, correct in conn.execute(
         "SELECT country, batch, max(reward), max(hours), count(*), sum(correct)"
         " FROM report_completions"
+        " WHERE batch IS NULL OR batch NOT IN (SELECT name FROM batches WHERE kind <> 'balls')"
         " GROUP BY country, batch, CAST(hours * 60 AS INTEGER) - (hours < 0)"
         " ORDER BY country, batch, 4"
     ):
@@ -257,6 +346,79 @@ def _visits(conn: sqlite3.Connection) -> dict[str, Any]:
     return {"previews": {visit: (sessions, requests) for visit, sessions, requests in rows}}
 
 
+def _addresses_of(value: str | None) -> tuple[str, ...]:
+    return tuple(sorted(set(value.split()))) if value else ()
+
+
+def _kinds(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The speedtest and tool pages' reports (few rows: one per test per session)."""
+    points: dict[tuple[str | None, str], dict[str, Any]] = {}
+    for worker, ipv4, ipv6, batch, test, name, down, up, share in conn.execute(
+        "SELECT worker_id, ipv4, ipv6, batch, test, name, download_mbps, upload_mbps, share_url"
+        " FROM speedtest_results ORDER BY t, test"
+    ):
+        point = points.setdefault((worker, ipv4), {"ipv6": set(), "batches": set(), "tests": {}})
+        point["ipv6"].update(_addresses_of(ipv6))
+        if batch:
+            point["batches"].add(batch)
+        entry = point["tests"].setdefault(test, {"name": name, "down": [], "up": [], "share": []})
+        entry["down"].append(down)
+        entry["up"].append(up)
+        if share:
+            entry["share"].append(share)
+    vantage_points = []
+    by_test: dict[str, list[Speed]] = {}
+    for (worker, ipv4), point in points.items():
+        speeds = []
+        for test, entry in sorted(point["tests"].items()):
+            speed = Speed(
+                test,
+                entry["name"],
+                statistics.fmean(entry["down"]),
+                statistics.fmean(entry["up"]),
+                len(entry["down"]),
+                tuple(entry["share"]),
+            )
+            speeds.append(speed)
+            by_test.setdefault(test, []).append(speed)
+        vantage_points.append(
+            VantagePoint(
+                worker,
+                ipv4,
+                tuple(sorted(point["ipv6"])),
+                tuple(sorted(point["batches"])),
+                tuple(speeds),
+                coefficient_of_variation([x.download_mbps for x in speeds]),
+                coefficient_of_variation([x.upload_mbps for x in speeds]),
+            )
+        )
+    vantage_points.sort(key=lambda v: (v.worker_id is None, v.worker_id or "", v.ipv4))
+    tools = [
+        ToolSpeeds(
+            test,
+            speeds[0].name,
+            len(speeds),
+            statistics.median(x.download_mbps for x in speeds),
+            statistics.median(x.upload_mbps for x in speeds),
+            min(x.download_mbps for x in speeds),
+            max(x.download_mbps for x in speeds),
+            min(x.upload_mbps for x in speeds),
+            max(x.upload_mbps for x in speeds),
+        )
+        for test, speeds in sorted(by_test.items())
+    ]
+    tool_reports = [
+        ToolReport(worker, ipv4, _addresses_of(ipv6), batch, tool, report_id, t)
+        for worker, ipv4, ipv6, batch, tool, report_id, t in conn.execute(
+            "SELECT worker_id, ipv4, ipv6, batch, tool, report, t FROM tool_results ORDER BY t"
+        )
+    ]
+    return {
+        "speedtests": SpeedTests(vantage_points, tools),
+        "tool_reports": tool_reports,
+    }
+
+
 def _run(path: Path, part: Callable[[sqlite3.Connection], dict[str, Any]]) -> dict[str, Any]:
     conn = open_reader(path)
     try:
@@ -273,7 +435,9 @@ def build_report(path: Path, *, top: int = TOP_COUNTRIES, min_sample: int = MIN_
     the time of the longest group rather than of all three.
     """
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="report") as pool:
-        parts = [pool.submit(_run, path, part) for part in (_completions, _addresses, _visits)]
+        parts = [
+            pool.submit(_run, path, part) for part in (_completions, _addresses, _visits, _kinds)
+        ]
         found: dict[str, Any] = {}
         for future in parts:
             found.update(future.result())
@@ -336,6 +500,61 @@ def to_json(report: Report) -> dict[str, Any]:
             "requests": report.previews.get("preview", (0, 0))[1],
             "sessions": report.previews.get("preview", (0, 0))[0],
         },
+        "speedtests": _speedtests_json(report.speedtests),
+        "tool_reports": [
+            {
+                "worker_id": r.worker_id,
+                "ipv4": r.ipv4,
+                "ipv6": list(r.ipv6),
+                "batch": r.batch,
+                "tool": r.tool,
+                "report": r.report,
+            }
+            for r in report.tool_reports
+        ],
+    }
+
+
+def _speedtests_json(speedtests: SpeedTests) -> dict[str, Any]:
+    return {
+        "vantage_points": [
+            {
+                "worker_id": v.worker_id,
+                "ipv4": v.ipv4,
+                "ipv6": list(v.ipv6),
+                "batches": list(v.batches),
+                "download_cv": v.download_cv,
+                "upload_cv": v.upload_cv,
+                "tests": [
+                    {
+                        "test": x.test,
+                        "name": x.name,
+                        "download_mbps": x.download_mbps,
+                        "upload_mbps": x.upload_mbps,
+                        "reports": x.reports,
+                        "share_urls": list(x.share_urls),
+                    }
+                    for x in v.speeds
+                ],
+            }
+            for v in speedtests.vantage_points
+        ],
+        "tests": [
+            {
+                "test": t.test,
+                "name": t.name,
+                "vantage_points": t.vantage_points,
+                "download_median": t.download_median,
+                "upload_median": t.upload_median,
+                "download_min": t.download_min,
+                "download_max": t.download_max,
+                "upload_min": t.upload_min,
+                "upload_max": t.upload_max,
+            }
+            for t in speedtests.tools
+        ],
+        "download_cv_median": speedtests.download_cv_median,
+        "upload_cv_median": speedtests.upload_cv_median,
     }
 
 
@@ -565,7 +784,121 @@ def _previews(report: Report) -> list[str]:
     return lines
 
 
-def render_markdown(report: Report, figure: str | None = None) -> str:
+def _mbps(value: float) -> str:
+    return f"{value:,.1f}"
+
+
+def _cv(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _who(worker_id: str | None) -> str:
+    return worker_id or "(direct visit)"
+
+
+def _speedtests(report: Report, figure: str | None) -> list[str]:
+    speedtests = report.speedtests
+    if not speedtests.vantage_points:
+        return []
+    lines = [
+        "## Speed tests (§3.1, §4.1)",
+        "",
+        f"{_count(len(speedtests.vantage_points))} vantage points (a worker at an IPv4"
+        " address); each tool's speeds are the first report of each session, averaged over a"
+        " vantage point's sessions. The spread between tools at one vantage point is the"
+        " coefficient of variation (sample standard deviation ÷ mean) of their speeds; the"
+        f" median over vantage points is {_cv(speedtests.download_cv_median)} for download"
+        f" and {_cv(speedtests.upload_cv_median)} for upload.",
+        "",
+        *_table(
+            (
+                "Test",
+                "Vantage points",
+                "Median download (Mbit/s)",
+                "Download range",
+                "Median upload (Mbit/s)",
+                "Upload range",
+            ),
+            (
+                (
+                    t.name,
+                    _count(t.vantage_points),
+                    _mbps(t.download_median),
+                    f"{_mbps(t.download_min)} – {_mbps(t.download_max)}",
+                    _mbps(t.upload_median),
+                    f"{_mbps(t.upload_min)} – {_mbps(t.upload_max)}",
+                )
+                for t in speedtests.tools
+            ),
+            "lrrrrr",
+        ),
+        "",
+        "Per vantage point (download / upload in Mbit/s):",
+        "",
+    ]
+    tests = [t.test for t in speedtests.tools]
+    names = {t.test: t.name for t in speedtests.tools}
+    rows = []
+    for v in speedtests.vantage_points:
+        measured = {x.test: x for x in v.speeds}
+        rows.append(
+            (
+                _who(v.worker_id),
+                v.ipv4,
+                " ".join(v.ipv6) or "none",
+                *(
+                    f"{_mbps(measured[t].download_mbps)} / {_mbps(measured[t].upload_mbps)}"
+                    if t in measured
+                    else "–"
+                    for t in tests
+                ),
+                _cv(v.download_cv),
+                _cv(v.upload_cv),
+            )
+        )
+    lines += _table(
+        ("Worker", "IPv4", "IPv6", *(names[t] for t in tests), "CV download", "CV upload"),
+        rows,
+        "lll" + "r" * (len(tests) + 2),
+    )
+    lines += [
+        "",
+        f"![Speed tests by vantage point]({figure})"
+        if figure
+        else "Drawn as speedtests.png with --out.",
+    ]
+    return lines
+
+
+def _tool_reports(report: Report) -> list[str]:
+    if not report.tool_reports:
+        return []
+    return [
+        "## Tool reports (§3.2)",
+        "",
+        f"{_count(len(report.tool_reports))} sessions reported a report id of the tool.",
+        "",
+        *_table(
+            ("Worker", "IPv4", "IPv6", "Batch", "Tool", "Report"),
+            (
+                (
+                    _who(r.worker_id),
+                    r.ipv4,
+                    " ".join(r.ipv6) or "none",
+                    _batch_name(r.batch),
+                    r.tool,
+                    r.report,
+                )
+                for r in report.tool_reports
+            ),
+            "llllll",
+        ),
+    ]
+
+
+def render_markdown(
+    report: Report, figure: str | None = None, speed_figure: str | None = None
+) -> str:
     sources = "; ".join(report.geoip_builds) if report.geoip_builds else "none (all unknown)"
     lines = [
         "# IPv6 adoption through the ball-counting survey",
@@ -599,6 +932,9 @@ def render_markdown(report: Report, figure: str | None = None) -> str:
         "",
         *_previews(report),
     ]
+    for section in (_speedtests(report, speed_figure), _tool_reports(report)):
+        if section:
+            lines += ["", *section]
     return "\n".join(lines) + "\n"
 
 
@@ -662,6 +998,43 @@ def render_csv(report: Report) -> dict[str, str]:
             ("visit", "sessions", "requests"),
             ((visit, s, r) for visit, (s, r) in report.previews.items()),
         ),
+        "speedtests.csv": _csv(
+            (
+                "worker_id",
+                "ipv4",
+                "ipv6",
+                "test",
+                "name",
+                "download_mbps",
+                "upload_mbps",
+                "reports",
+                "download_cv",
+                "upload_cv",
+            ),
+            (
+                (
+                    v.worker_id or "",
+                    v.ipv4,
+                    " ".join(v.ipv6),
+                    x.test,
+                    x.name,
+                    x.download_mbps,
+                    x.upload_mbps,
+                    x.reports,
+                    "" if v.download_cv is None else v.download_cv,
+                    "" if v.upload_cv is None else v.upload_cv,
+                )
+                for v in report.speedtests.vantage_points
+                for x in v.speeds
+            ),
+        ),
+        "tool_reports.csv": _csv(
+            ("worker_id", "ipv4", "ipv6", "batch", "tool", "report"),
+            (
+                (r.worker_id or "", r.ipv4, " ".join(r.ipv6), r.batch or "", r.tool, r.report)
+                for r in report.tool_reports
+            ),
+        ),
     }
 
 
@@ -677,8 +1050,12 @@ def figure_csv(report: Report) -> str:
 
 
 def write_outputs(report: Report, fmt: str, out: Path) -> list[Path]:
-    """Write the report in ``fmt`` and Figure 2 (PNG and CSV) into ``out``."""
-    from .figure import write_png  # matplotlib loads only when a figure is drawn
+    """Write the report in ``fmt`` and Figure 2 (PNG and CSV) into ``out``.
+
+    With speed-test reports in the database, also their figure, speedtests.png.
+    """
+    # matplotlib loads only when a figure is drawn
+    from .figure import write_png, write_speedtests_png
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -686,9 +1063,19 @@ def write_outputs(report: Report, fmt: str, out: Path) -> list[Path]:
     write_png(report, png)
     (out / "figure2.csv").write_text(figure_csv(report), encoding="utf-8")
     written += [png, out / "figure2.csv"]
+    speed_png = None
+    if report.speedtests.vantage_points:
+        speed_png = out / "speedtests.png"
+        write_speedtests_png(report.speedtests, speed_png)
+        written.append(speed_png)
     if fmt == "md":
         path = out / "report.md"
-        path.write_text(render_markdown(report, figure=png.name), encoding="utf-8")
+        path.write_text(
+            render_markdown(
+                report, figure=png.name, speed_figure=speed_png.name if speed_png else None
+            ),
+            encoding="utf-8",
+        )
         written.append(path)
     elif fmt == "json":
         path = out / "report.json"
