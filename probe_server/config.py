@@ -363,7 +363,7 @@ class BatteryConfig(_Model):
                 )
         if self.literal_url is not None:
             host = urlsplit(self.literal_url).hostname or ""
-            if not _host_is_literal(host) or ipaddress.ip_address(host).version != 6:
+            if not _host_is_literal(self.literal_url) or ipaddress.ip_address(host).version != 6:
                 raise ValueError(f"literal_url: needs an IPv6 address literal, got {host!r}")
         return self
 
