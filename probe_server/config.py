@@ -410,6 +410,71 @@ class GeoIPConfig(_Model):
     asn_db: Path | None = None
 
 
+# The battery's probes beyond the paper's red and blue balls (battery.py).
+BatteryProbe = Literal["ds", "literal", "mtu", "v6ns"]
+# The base URLs whose host names can carry the session label.
+LabelledUrl = Literal["ipv4", "ipv6", "ds", "v6ns"]
+
+
+def _host_is_literal(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class BatteryConfig(_Model):
+    """test-ipv6.com's and APNIC's probes on the ball page, beside the paper's."""
+
+    # Probes added to the ball page: "ds" (a dual-stack name: which family
+    # does the browser choose?), "literal" (an IPv6 address literal: IPv6
+    # without AAAA resolution?), "mtu" (a response of full-size packets over
+    # IPv6: path-MTU black holes?), "v6ns" (a name whose name server is
+    # IPv6-only: does the resolver reach DNS over IPv6?). Empty: the paper's
+    # page, whose one probe is the blue balls.
+    probes: tuple[BatteryProbe, ...] = ()
+    # Base URL of the dual-stack name (A and AAAA), e.g. "http://ds.example.org".
+    ds_url: BaseUrl | None = None
+    # Base URL with the IPv6 site's address as a literal, e.g.
+    # "http://[2001:db8::10]"; unset: the IPv6 site's socket (tests, demo).
+    literal_url: BaseUrl | None = None
+    # Base URL of a dual-stack name inside the zone delegated to an IPv6-only
+    # name server, e.g. "http://ds.v6ns.example.org".
+    v6ns_url: BaseUrl | None = None
+    # Base URLs whose host name gets the session token as its first label
+    # (<token>.v6.example.org): "ipv4" (red balls), "ipv6" (blue balls and
+    # the large response), "ds", "v6ns". Our DNS log then joins each session
+    # with the resolvers that asked for its names. Names only, never literals.
+    labels: tuple[LabelledUrl, ...] = ()
+    # A script reports, for every probe, loaded, failed or still pending and
+    # its timings (Resource Timing) to the IPv4 site; the page works without it.
+    beacon: bool = False
+    # Seconds after which the beacon gives up on probes still loading and
+    # reports them as timed out (test-ipv6.com's timeout).
+    beacon_timeout: float = Field(default=10.0, gt=0, le=120)
+
+    @model_validator(mode="after")
+    def _urls(self) -> BatteryConfig:
+        if len(set(self.probes)) != len(self.probes):
+            raise ValueError("probes: each probe once")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels: each base URL once")
+        for probe, url in (("ds", self.ds_url), ("v6ns", self.v6ns_url)):
+            if probe in self.probes and url is None:
+                raise ValueError(f"{probe}_url: needed by the {probe} probe")
+            if probe in self.labels and url is not None and _host_is_literal(url):
+                raise ValueError(
+                    f"labels: {probe}_url is an address literal; only names get labels"
+                )
+        if self.literal_url is not None:
+            host = urlsplit(self.literal_url).hostname or ""
+            if not _host_is_literal(self.literal_url) or ipaddress.ip_address(host).version != 6:
+                raise ValueError(f"literal_url: needs an IPv6 address literal, got {host!r}")
+        return self
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     sites: SitesConfig = SitesConfig()
@@ -422,8 +487,36 @@ class Config(_Model):
     logging: LoggingConfig = LoggingConfig()
     mturk: MTurkConfig = MTurkConfig()
     geoip: GeoIPConfig = GeoIPConfig()
+    battery: BatteryConfig = BatteryConfig()
     # Where the file was read from (None for the built-in demo config).
     source: Path | None = None
+
+    @model_validator(mode="after")
+    def _battery_sites(self) -> Config:
+        battery = self.battery
+        for name, site in (("ipv4", self.sites.ipv4), ("ipv6", self.sites.ipv6)):
+            named = site.base_url is not None and not _host_is_literal(site.base_url)
+            if name in battery.labels and not named:
+                raise ValueError(
+                    f"battery.labels: {name} needs sites.{name}.base_url with a host name"
+                )
+        ipv6_url = self.sites.ipv6.base_url
+        if (
+            "literal" in battery.probes
+            and battery.literal_url is None
+            and ipv6_url is not None
+            and not _host_is_literal(ipv6_url)
+        ):
+            raise ValueError(
+                "battery.literal_url: needed by the literal probe (sites.ipv6.base_url is a name)"
+            )
+        if self.sites.ipv4.tls_cert is not None:
+            # A page on HTTPS may not load images over HTTP (mixed content).
+            for key in ("ds_url", "literal_url", "v6ns_url"):
+                url = getattr(battery, key)
+                if url is not None and url.startswith("http:"):
+                    raise ValueError(f"battery.{key}: the survey is on HTTPS, so must this be")
+        return self
 
     def resolve(self, path: Path) -> Path:
         """A path from the config, relative to the config file's directory."""

@@ -124,6 +124,9 @@ class DnsServer:
     ) -> None:
         self.config = config
         self.responder = responder
+        # What IPv4 sockets answer, when it differs: without the zones whose
+        # name servers are IPv6-only (see Authority.ipv6_only_zones).
+        self.responder_v4: Responder | None = None
         self.sockets = sockets
         self.stats = DnsStats()
         self.rate_limiter = RateLimiter(config.rrl) if config.rrl.enabled else None
@@ -205,8 +208,11 @@ class DnsServer:
         if self.rate_limiter is not None and transport == UDP:
             # TCP needs a completed handshake, so its source can't be spoofed.
             action = self.rate_limiter.check(family, host, now)
+        responder = self.responder
+        if family == socket.AF_INET and self.responder_v4 is not None:
+            responder = self.responder_v4
         try:
-            outcome = self.responder.respond(data, tcp=transport == TCP, slip=action == SLIP)
+            outcome = responder.respond(data, tcp=transport == TCP, slip=action == SLIP)
         except Exception:
             self.stats.errors += 1
             if self.stats.errors <= 10 or self.stats.errors % 1000 == 0:

@@ -23,6 +23,8 @@ reader_key = web.AppKey("reader", aiosqlite.Connection)
 templates_key = web.AppKey("templates", Pages)
 # The base URL of each site ("ipv4", "ipv6") once its socket is bound.
 base_urls_key = web.AppKey("base_urls", dict[str, str])
+# The base URLs of the battery's probes: the sites' and the IPv6 literal's.
+battery_bases_key = web.AppKey("battery_bases", dict[str, str])
 # The DNS listeners, when DNS is enabled.
 dns_key = web.AppKey("dns", DnsServer)
 # Sites with TLS: on their plain-HTTP sockets, everything but ACME is redirected.

@@ -182,6 +182,23 @@ def load_authority(config: Config) -> Authority:
         raise StartupError(f"dns.zones: {e}") from None
 
 
+def make_responders(authority: Authority, config: Config) -> tuple[Responder, Responder | None]:
+    """The responder for IPv6 sockets (every zone) and, when it differs, for IPv4.
+
+    IPv4 sockets do not answer from a child zone whose name servers are
+    IPv6-only: they give the parent's referral, so the zone is reached
+    only over IPv6, as if it had a server of its own.
+    """
+    size, cache = config.dns.edns_udp_size, config.dns.answer_cache
+    responder = Responder(authority, udp_size=size, cache_size=cache)
+    ipv6_only = authority.ipv6_only_zones()
+    if not ipv6_only:
+        return responder, None
+    for origin in sorted(ipv6_only):
+        log.info("event=zone_ipv6_only zone=%s", ".".join(o.decode() for o in origin) + ".")
+    return responder, Responder(authority.without(ipv6_only), udp_size=size, cache_size=cache)
+
+
 def sd_monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
@@ -282,12 +299,9 @@ class ProbeServer:
         }
         self.base_urls = base_urls
         if authority is not None:
-            responder = Responder(
-                authority,
-                udp_size=config.dns.edns_udp_size,
-                cache_size=config.dns.answer_cache,
-            )
+            responder, responder_v4 = make_responders(authority, config)
             self.dns = DnsServer(config.dns, responder, listeners.dns)
+            self.dns.responder_v4 = responder_v4
         self.app = create_app(config, secret, base_urls, self.dns, self.metrics)
         runner = web.AppRunner(
             self.app,
@@ -381,10 +395,8 @@ class ProbeServer:
         except StartupError as e:
             log.error("event=reload_failed part=zones error=%r (old zones kept)", str(e))
             return False
-        # A new responder: its answer caches start empty.
-        self.dns.responder = Responder(
-            authority, udp_size=config.dns.edns_udp_size, cache_size=config.dns.answer_cache
-        )
+        # New responders: their answer caches start empty.
+        self.dns.responder, self.dns.responder_v4 = make_responders(authority, config)
         log.info("event=zones_loaded zones=%d", len(authority.zones))
         return True
 

@@ -17,21 +17,24 @@ everything else to the HTTPS site.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
 
-from . import acme, images, survey
+from . import acme, battery, images, survey
 from .config import Config
 from .dnsserver import DnsServer
 from .i18n import N_, Message, Pages
 from .keys import (
     base_urls_key,
+    battery_bases_key,
     config_key,
     csp_key,
     dns_key,
@@ -83,6 +86,21 @@ INSERT_ANSWER = (
     "INSERT INTO answers (session_token, t, addr, red_reported, blue_reported, red_correct)"
     " VALUES (?,?,?,?,?,?)"
 )
+# The battery (schema 0007): which probes a page carried, and its beacons.
+INSERT_BATTERY_PAGE = (
+    "INSERT INTO battery_pages (session_token, probes, labels, beacon, v6ns_host)"
+    " VALUES (?,?,?,?,?)"
+)
+INSERT_BEACON = (
+    "INSERT INTO beacons (session_token, t, addr, final, probe, state, at_ms, duration_ms,"
+    " dns_ms, connect_ms) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+# The battery's beacon script, served from the IPv4 site so that the CSP
+# can allow scripts from 'self' only.
+BATTERY_SCRIPT = resources.files("probe_server").joinpath("static/battery.js").read_bytes()
+# What the ball page adds to the CSP of every page: its one script is that
+# file, and it may send its beacon only to its own site.
+SURVEY_CSP = "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -133,6 +151,19 @@ def _no_store(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
+def _probe_response(body: bytes) -> web.Response:
+    """A probe image: never cached, and its timings readable by the survey page.
+
+    Timing-Allow-Origin lets the page's beacon read DNS and connect times of
+    these cross-origin images (Resource Timing); they reveal nothing but our
+    own servers' speed.
+    """
+    response = web.Response(body=body, content_type="image/png")
+    response.headers["Timing-Allow-Origin"] = "*"
+    _no_store(response)
+    return response
+
+
 def content_security_policy(worker_sites: tuple[str, ...]) -> str:
     """Who may frame our pages and where their forms may post.
 
@@ -148,11 +179,17 @@ def content_security_policy(worker_sites: tuple[str, ...]) -> str:
 
 
 def _page(
-    request: web.Request, template: str, language: str, status: int = 200, **context: Any
+    request: web.Request,
+    template: str,
+    language: str,
+    status: int = 200,
+    csp: str = "",
+    **context: Any,
 ) -> web.Response:
     html = request.app[templates_key].render(language, template, **context)
     response = web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
-    response.headers["Content-Security-Policy"] = request.app[csp_key]
+    policy = request.app[csp_key]
+    response.headers["Content-Security-Policy"] = f"{policy}; {csp}" if csp else policy
     response.headers["Content-Language"] = language
     _no_store(response)
     return response
@@ -222,19 +259,39 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
             ),
         )
     )
-    base_urls = request.app[base_urls_key]
+    # The battery's probes go on the ball page only; the other kinds carry
+    # just the passive dual-stack pair (red and blue) in probes.html.
+    page = battery.page(config.battery, request.app[battery_bases_key], token)
+    on_page = page.active and visit.survey == "balls"
+    if on_page:
+        probe.rows.append(
+            (
+                INSERT_BATTERY_PAGE,
+                (
+                    token,
+                    json.dumps(page.names),
+                    json.dumps(page.labels),
+                    page.beacon,
+                    page.v6ns_host,
+                ),
+            )
+        )
     context: dict[str, Any] = {
         "token": token,
         "visit": visit,
-        "red_urls": survey.ball_urls(base_urls[IPV4], "red", token, red, address),
-        "blue_urls": survey.ball_urls(base_urls[IPV6], "blue", token, blue, address),
+        "red_urls": survey.ball_urls(page.red_base, "red", token, red, address),
+        "blue_urls": survey.ball_urls(page.blue_base, "blue", token, blue, address),
+        "battery": page if on_page else None,
+        "beacon_path": battery.BEACON_PATH,
+        "script_path": battery.SCRIPT_PATH,
     }
     if visit.survey == "speedtest":
         context["tests"] = [(test, survey.field_names(test)) for test in config.speedtest.tests]
         context["max_mbps"] = f"{config.speedtest.max_mbps:g}"
     elif visit.survey == "tool":
         context["tool"] = config.tool
-    return _page(request, TEMPLATES[visit.survey], visit.language, **context)
+    csp = SURVEY_CSP if visit.survey == "balls" else ""
+    return _page(request, TEMPLATES[visit.survey], visit.language, csp=csp, **context)
 
 
 async def _ball(request: web.Request, kind: str, body: bytes) -> web.StreamResponse:
@@ -250,7 +307,7 @@ async def _ball(request: web.Request, kind: str, body: bytes) -> web.StreamRespo
         probe.ball = int(ball)
     # A forged or unknown token still gets its image, so the page never
     # looks broken; the row says the token was not ours.
-    return _no_store(web.Response(body=body, content_type="image/png"))
+    return _probe_response(body)
 
 
 @on_sites(IPV4)
@@ -261,6 +318,112 @@ async def red_ball(request: web.Request) -> web.StreamResponse:
 @on_sites(IPV6)
 async def blue_ball(request: web.Request) -> web.StreamResponse:
     return await _ball(request, "blue", images.BLUE_BALL)
+
+
+# -- the battery's probes (battery.py) ------------------------------------------------
+
+
+def _battery_probe(request: web.Request, kind: str) -> Probe:
+    probe = request[probe_key]
+    probe.kind = kind
+    probe.durable = True
+    token = request.match_info["token"]
+    if looks_like_token(token):
+        probe.token = token
+        probe.token_ok = request.app[verifier_key](token)
+    return probe
+
+
+async def dual_stack_probe(request: web.Request) -> web.StreamResponse:
+    """The dual-stack name: served on both sites; the site is the family chosen."""
+    _battery_probe(request, "ds")
+    return _probe_response(images.PIXEL)
+
+
+async def v6ns_probe(request: web.Request) -> web.StreamResponse:
+    """The name under the IPv6-only name server: it resolved, so the resolver has IPv6."""
+    _battery_probe(request, "v6ns")
+    return _probe_response(images.PIXEL)
+
+
+@on_sites(IPV6)
+async def literal_probe(request: web.Request) -> web.StreamResponse:
+    _battery_probe(request, "literal")
+    return _probe_response(images.PIXEL)
+
+
+@on_sites(IPV6)
+async def large_probe(request: web.Request) -> web.StreamResponse:
+    """Full-size packets over IPv6: a redirect padded past what a 1280-byte path carries.
+
+    The browser follows it only once the whole header block has arrived, so
+    the fetch of its target (``mtu-ok``) shows that large packets got through.
+    """
+    _battery_probe(request, "mtu")
+    response = web.Response(status=302)
+    response.headers["Location"] = battery.LARGE_REDIRECT
+    response.headers["X-Padding"] = battery.LARGE_PADDING
+    response.headers["Timing-Allow-Origin"] = "*"
+    _no_store(response)
+    return response
+
+
+@on_sites(IPV6)
+async def large_probe_done(request: web.Request) -> web.StreamResponse:
+    _battery_probe(request, "mtu-ok")
+    return _probe_response(images.PIXEL)
+
+
+@on_sites(IPV4)
+async def battery_script(request: web.Request) -> web.StreamResponse:
+    request[probe_key].kind = "script"
+    response = web.Response(body=BATTERY_SCRIPT, content_type="text/javascript")
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return _no_store(response)
+
+
+def _refuse_beacon(status: int, reason: str) -> web.StreamResponse:
+    return _no_store(web.Response(status=status, text=f"{status}: {reason}\n"))
+
+
+@on_sites(IPV4)
+async def beacon(request: web.Request) -> web.StreamResponse:
+    """The battery's report of what loaded: validated, bounded, stored, 204."""
+    probe = request[probe_key]
+    probe.kind = "beacon"
+    length = request.content_length
+    if length is not None and length > battery.MAX_BEACON_BYTES:
+        return _refuse_beacon(413, "beacon too large")
+    body = await request.content.read(battery.MAX_BEACON_BYTES + 1)
+    try:
+        report = battery.parse_beacon(body)
+    except battery.BadBeacon as e:
+        return _refuse_beacon(400, f"not a beacon: {e}")
+    probe.token = report.token
+    probe.token_ok = request.app[verifier_key](report.token)
+    if not probe.token_ok:
+        return _refuse_beacon(400, "not a session of ours")
+    probe.durable = True
+    now = time.time()
+    for name, seen in report.probes.items():
+        probe.rows.append(
+            (
+                INSERT_BEACON,
+                (
+                    report.token,
+                    now,
+                    probe.addr,
+                    report.final,
+                    name,
+                    seen.state,
+                    seen.at,
+                    seen.duration,
+                    seen.dns,
+                    seen.connect,
+                ),
+            )
+        )
+    return _no_store(web.Response(status=204))
 
 
 @on_sites(IPV4)
@@ -534,6 +697,10 @@ def create_app(
         if site.tls_cert is not None
     )
     app[base_urls_key] = base_urls
+    # The literal probe defaults to the IPv6 site's own URL when that is a
+    # literal (tests, the demo); the config checked that it then is.
+    literal = config.battery.literal_url or base_urls[IPV6]
+    app[battery_bases_key] = {**base_urls, "literal": literal}
     worker_sites = (*survey.MTURK_WORKER_SITES, *config.mturk.rehearsal_worker_sites)
     app[worker_sites_key] = worker_sites
     app[csp_key] = content_security_policy(worker_sites)
@@ -553,5 +720,12 @@ def create_app(
     app.router.add_post("/submit", submit)
     app.router.add_get(r"/red/{token}/{ball}.png", red_ball)
     app.router.add_get(r"/blue/{token}/{ball}.png", blue_ball)
+    app.router.add_get(r"/ds/{token}.png", dual_stack_probe)
+    app.router.add_get(r"/v6ns/{token}.png", v6ns_probe)
+    app.router.add_get(r"/literal/{token}.png", literal_probe)
+    app.router.add_get(r"/mtu/{token}/large.png", large_probe)
+    app.router.add_get(r"/mtu/{token}/ok.png", large_probe_done)
+    app.router.add_get(battery.SCRIPT_PATH, battery_script)
+    app.router.add_post(battery.BEACON_PATH, beacon)
     app.router.add_get("/.well-known/acme-challenge/{token}", acme_challenge)
     return app

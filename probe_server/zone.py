@@ -221,6 +221,38 @@ class Authority:
             [_convert(path, zone, rrs) for (path, zone), rrs in zip(parsed, placed, strict=True)]
         )
 
+    def ipv6_only_zones(self) -> frozenset[Name]:
+        """Child zones whose every name server has an IPv6 address and no IPv4 one.
+
+        test-ipv6.com's ``v6ns``: a name in such a zone resolves only through
+        a resolver that reaches DNS over IPv6. When we serve the parent too,
+        a query over IPv4 must get the parent's referral, as from a separate
+        IPv6-only server; answering it from the child would let an
+        IPv4-only resolver through. Only name servers whose addresses we
+        serve (glue or our own zones) are judged.
+        """
+        found = set()
+        for origin in self.zones:
+            parent = self.find_zone(origin[1:]) if origin else None
+            if parent is None or origin not in parent.cuts:
+                continue
+            targets = record_targets(parent.nodes[origin][TYPE_NS])
+            if targets and all(self._only_ipv6(target, parent) for target in targets):
+                found.add(origin)
+        return frozenset(found)
+
+    def _only_ipv6(self, target: Name, parent: Zone) -> bool:
+        kinds: set[int] = set()
+        for zone in (parent, self.find_zone(target)):
+            if zone is not None:
+                kinds.update(zone.nodes.get(target, {}))
+        return TYPE_AAAA in kinds and TYPE_A not in kinds
+
+    def without(self, origins: Iterable[Name]) -> Authority:
+        """The same zones less ``origins`` (sharing the loaded zones)."""
+        left_out = frozenset(origins)
+        return Authority([zone for zone in self.zones.values() if zone.origin not in left_out])
+
     def find_zone(self, name: Name) -> Zone | None:
         """The zone with the longest origin that contains ``name``."""
         for depth in range(len(name) + 1):

@@ -193,8 +193,10 @@ async def test_certbot_dns_hook_publishes_and_removes_the_challenge(tmp_path):
     server = ServerProcess(write_config(tmp_path / "probe.toml", data), tmp_path, keep_notify=True)
     await server.start()
     # The hook reads the DNS address from the config: give it the bound port.
-    host, _, port = server.endpoints["dns_udp_ipv4"].rpartition(":")
-    data["dns"]["listen_ipv4"] = f"127.0.0.1:{port}"
+    # It asks the IPv6 listener, which also answers for the IPv6-only child.
+    host, _, port = server.endpoints["dns_udp_ipv6"].rpartition(":")
+    host = host.strip("[]")
+    data["dns"]["listen_ipv6"] = f"[::1]:{port}"
     hook_config = write_config(tmp_path / "hook.toml", data)
     env = {
         "PROBE_SERVER_CONFIG": str(hook_config),
@@ -209,7 +211,11 @@ async def test_certbot_dns_hook_publishes_and_removes_the_challenge(tmp_path):
         return sorted(rdata.to_text() for rrset in reply.answer for rdata in rrset)
 
     try:
-        for domain, value in (("v6.example.org", "token-one"), ("*.v6.example.org", "token-two")):
+        for domain, value in (
+            ("v6.example.org", "token-one"),
+            ("*.v6.example.org", "token-two"),
+            ("*.ds.v6ns.example.org", "token-child"),
+        ):
             code, out = await run(
                 str(DEPLOY / "certbot-dns-hook"),
                 "auth",
@@ -218,6 +224,7 @@ async def test_certbot_dns_hook_publishes_and_removes_the_challenge(tmp_path):
             assert code == 0, out
         # Both values at once: the certificate for the name and its wildcard.
         assert await txt("_acme-challenge.v6.example.org") == ['"token-one"', '"token-two"']
+        assert await txt("_acme-challenge.ds.v6ns.example.org") == ['"token-child"']
         code, out = await run(
             str(DEPLOY / "certbot-dns-hook"),
             "cleanup",
@@ -225,10 +232,10 @@ async def test_certbot_dns_hook_publishes_and_removes_the_challenge(tmp_path):
         )
         assert code == 0, out
         # Each SIGHUP ends in a READY=1; the last one follows the cleanup.
-        for _ in range(3):
+        for _ in range(4):
             await server.notification(lambda m: m.startswith("READY=1"))
         assert await txt("_acme-challenge.v6.example.org") == ['"token-two"']
-        assert challenges.read_text().count("IN TXT") == 1
+        assert challenges.read_text().count("IN TXT") == 2
         server.kill(signal.SIGTERM)
         assert await server.wait() == 0
     finally:

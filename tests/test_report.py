@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from probe_server.analysis.battery import HINTS as BATTERY_HINTS
+from probe_server.analysis.battery import OUTCOMES as BATTERY_OUTCOMES
 from probe_server.cli import main
 from probe_server.lab import teredo_address
 from probe_server.store import open_sync
@@ -203,6 +205,17 @@ EXPECTED = {
         "upload_cv_median": None,
     },
     "tool_reports": [],
+    # The paper's pages carried no battery (docs/battery.md): every outcome
+    # is present, unmeasured.
+    "battery": {
+        "sessions": 0,
+        "outcomes": {
+            key: {"sessions": 0, "yes": 0, "rate": None, "ci95_low": None, "ci95_high": None}
+            for key in (*BATTERY_OUTCOMES, *BATTERY_HINTS)
+        },
+        "by_country": [],
+        "probes": {},
+    },
 }
 
 # Figure 2: (country, batch, reward, seconds since publication, cumulative completed).
@@ -384,6 +397,8 @@ def test_csv_tables_and_figure_2(population, geo_config, tmp_path, capsys):
             "previews.csv",
             "speedtests.csv",
             "tool_reports.csv",
+            "battery_outcomes.csv",
+            "battery_probes.csv",
         ]
     )
 

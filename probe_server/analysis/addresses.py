@@ -185,3 +185,27 @@ def classify(text: str) -> Classified:
             return Classified(canonical, ISATAP, str(isatap), geo_address=canonical)
         return Classified(canonical, cls, geo_address=canonical)
     return Classified(canonical, cls)
+
+
+# test-ipv6.com's 6rd hint: a 6rd prefix embeds (the trailing bits of) the
+# customer's IPv4 address after the provider's prefix. Bits 32-63 of the
+# IPv6 address holding at least this many trailing bits of the IPv4 address
+# of the same session suggest 6rd (RFC 5969) rather than native IPv6.
+SIXRD_MIN_BITS = 16
+
+
+def sixrd_bits(ipv4: str, ipv6: str) -> int:
+    """How many trailing bits of ``ipv4`` appear in bits 32-63 of ``ipv6``.
+
+    The longest run found, from all 32 down to :data:`SIXRD_MIN_BITS`, at
+    any bit offset in that 32-bit word; 0 when not even that many match
+    (about a 1 in 4,000 chance for unrelated addresses).
+    """
+    v4 = int(IPv4Address(canonical_address(ipv4)))
+    word = (int(IPv6Address(canonical_address(ipv6))) >> 64) & 0xFFFFFFFF
+    for bits in range(32, SIXRD_MIN_BITS - 1, -1):
+        mask = (1 << bits) - 1
+        suffix = v4 & mask
+        if any((word >> shift) & mask == suffix for shift in range(33 - bits)):
+            return bits
+    return 0

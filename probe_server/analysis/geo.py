@@ -34,6 +34,7 @@ from tqdm import tqdm
 from ..config import Config, ConfigError
 from ..store import migrations
 from .addresses import classify
+from .battery import enrich_battery
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +365,7 @@ def forget(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     conn.execute("DELETE FROM geoip")
     conn.execute("DELETE FROM ipv6_addresses")
+    conn.execute("DELETE FROM address_pairs")
     conn.execute("DELETE FROM enriched")
     conn.execute("COMMIT")
 
@@ -402,5 +404,8 @@ def enrich(
     if refresh:
         forget(conn)
     classified = classify_new_ipv6(conn)
+    # The battery's IPv6 addresses (a literal-only worker fetched no blue
+    # ball) are classified before geolocating, so they are looked up too.
+    classified += enrich_battery(conn)[0]
     looked_up = geolocate(conn, geo, stream=stream)
     return classified, looked_up

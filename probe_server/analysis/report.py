@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .addresses import CLASSES, DESCRIPTIONS
+from .battery import HINTS, OUTCOMES, RESULTS, BatteryResults, Rate, battery_json, read_battery
 from .stats import MIN_SAMPLE, wilson
 
 UNKNOWN = "unknown"
@@ -191,6 +192,8 @@ class Report:
     previews: dict[str, tuple[int, int]]  # visit -> (sessions, requests)
     geoip_builds: list[str]
     names: dict[str, str] = field(default_factory=dict)
+    # Beyond the paper: the measurement battery's outcomes (analysis/battery.py).
+    battery: BatteryResults = field(default_factory=BatteryResults)
     top: int = TOP_COUNTRIES
     min_sample: int = MIN_SAMPLE
     speedtests: SpeedTests = field(default_factory=SpeedTests)
@@ -419,6 +422,11 @@ def _kinds(conn: sqlite3.Connection) -> dict[str, Any]:
     }
 
 
+def _battery(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The battery's outcomes and probe results."""
+    return {"battery": read_battery(conn)}
+
+
 def _run(path: Path, part: Callable[[sqlite3.Connection], dict[str, Any]]) -> dict[str, Any]:
     conn = open_reader(path)
     try:
@@ -436,7 +444,8 @@ def build_report(path: Path, *, top: int = TOP_COUNTRIES, min_sample: int = MIN_
     """
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="report") as pool:
         parts = [
-            pool.submit(_run, path, part) for part in (_completions, _addresses, _visits, _kinds)
+            pool.submit(_run, path, part)
+            for part in (_completions, _addresses, _visits, _kinds, _battery)
         ]
         found: dict[str, Any] = {}
         for future in parts:
@@ -512,6 +521,7 @@ def to_json(report: Report) -> dict[str, Any]:
             }
             for r in report.tool_reports
         ],
+        "battery": battery_json(report.battery),
     }
 
 
@@ -931,11 +941,96 @@ def render_markdown(
         else "Written as figure2.png and figure2.csv with --out.",
         "",
         *_previews(report),
+        "",
+        *_battery_markdown(report),
     ]
     for section in (_speedtests(report, speed_figure), _tool_reports(report)):
         if section:
             lines += ["", *section]
     return "\n".join(lines) + "\n"
+
+
+def _rate_cells(report: Report, rate: Rate | None) -> tuple[str, str, str, str]:
+    if rate is None:
+        return ("–", "–", "–", "–")
+    mark = " *" if rate.sessions < report.min_sample else ""
+    return (
+        _count(rate.sessions),
+        _count(rate.yes),
+        _percent(rate.rate, 1) + mark,
+        f"{_percent(rate.ci95_low, 1)} – {_percent(rate.ci95_high, 1)}",
+    )
+
+
+def _battery_markdown(report: Report) -> list[str]:
+    battery = report.battery
+    lines = ["## Beyond the paper: the IPv6 measurement battery", ""]
+    if not battery.sessions:
+        return [*lines, "No page carried the battery (`battery.probes` in the config)."]
+    lines += [
+        f"{_count(battery.sessions)} sessions carried test-ipv6.com's and APNIC Labs' probes"
+        " beside the balls. Each outcome counts the sessions where it was measured (its probe"
+        " on the page, not still loading when the page was closed).",
+        "",
+        *_table(
+            ("Outcome", "Sessions measured", "Yes", "Rate", "95% interval (Wilson)"),
+            (
+                (text, *_rate_cells(report, battery.overall.get(key)))
+                for key, text in (*OUTCOMES.items(), *HINTS.items())
+            ),
+            "lrrrr",
+        ),
+        "",
+        f"\\* fewer than {report.min_sample} sessions.",
+        "",
+        "### By country (of the session's IPv4 address)",
+        "",
+    ]
+    countries = sorted(
+        battery.by_country.items(),
+        key=lambda item: (
+            item[0] == UNKNOWN,
+            -max((r.sessions for r in item[1].values()), default=0),
+            item[0],
+        ),
+    )
+    shown = countries[: report.top]
+    lines += _table(
+        ("Outcome", *(report.name(country) for country, _ in shown)),
+        (
+            (
+                text,
+                *(
+                    "–"
+                    if rates.get(key) is None
+                    else f"{rates[key].yes}/{rates[key].sessions}"
+                    f" ({_percent(rates[key].rate, 0)},"
+                    f" {_percent(rates[key].ci95_low, 0)}–{_percent(rates[key].ci95_high, 0)})"
+                    for _, rates in shown
+                ),
+            )
+            for key, text in OUTCOMES.items()
+        ),
+        "l" + "r" * len(shown),
+    )
+    if len(countries) > len(shown):
+        lines.append(
+            f"{len(countries) - len(shown)} more countries are in the CSV and JSON output."
+        )
+    lines += [
+        "",
+        "### Probe results",
+        "",
+        *_table(
+            ("Probe", *RESULTS),
+            (
+                (probe, *(_count(counts.get(result, 0)) for result in RESULTS))
+                for probe, counts in battery.probes.items()
+            ),
+            "l" + "r" * len(RESULTS),
+        ),
+    ]
+    return lines
 
 
 # -- CSV -----------------------------------------------------------------------
@@ -1033,6 +1128,43 @@ def render_csv(report: Report) -> dict[str, str]:
             (
                 (r.worker_id or "", r.ipv4, " ".join(r.ipv6), r.batch or "", r.tool, r.report)
                 for r in report.tool_reports
+            ),
+        ),
+        "battery_outcomes.csv": _csv(
+            (
+                "country",
+                "outcome",
+                "sessions",
+                "yes",
+                "rate",
+                "ci95_low",
+                "ci95_high",
+                "small_sample",
+            ),
+            (
+                (
+                    country,
+                    outcome,
+                    r.sessions,
+                    r.yes,
+                    r.rate,
+                    r.ci95_low,
+                    r.ci95_high,
+                    int(r.small_sample),
+                )
+                for country, rates in (
+                    (OVERALL, report.battery.overall),
+                    *sorted(report.battery.by_country.items()),
+                )
+                for outcome, r in rates.items()
+            ),
+        ),
+        "battery_probes.csv": _csv(
+            ("probe", "result", "sessions"),
+            (
+                (probe, result, count)
+                for probe, counts in report.battery.probes.items()
+                for result, count in counts.items()
             ),
         ),
     }
