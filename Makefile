@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format bench bench-dns stress clean venv
+.PHONY: run test lint format messages bench bench-dns bench-report stress clean venv
 
 venv: $(STAMP)
 
@@ -26,6 +26,15 @@ format: $(STAMP)
 	$(BIN)/ruff format probe_server tests bench
 	$(BIN)/ruff check --fix probe_server tests bench
 
+# The survey's message catalogues: extract every message of the templates and
+# code into messages.pot, then merge new and changed ones into each language's
+# .po (they show as untranslated until a translator fills them in).
+messages: $(STAMP)
+	$(BIN)/pybabel extract -F babel.cfg -k N_ --no-location --sort-output --omit-header \
+		-o probe_server/locale/messages.pot .
+	$(BIN)/pybabel update -i probe_server/locale/messages.pot -d probe_server/locale \
+		--no-location --no-fuzzy-matching
+
 test: lint
 	$(BIN)/pytest
 
@@ -40,6 +49,9 @@ bench: $(STAMP)
 # Needs dnsperf and knot (Debian packages); both servers on CPU 0, dnsperf on CPU 1.
 bench-dns: $(STAMP)
 	$(BIN)/python bench/dns_bench.py
+
+bench-report: $(STAMP)
+	$(BIN)/python bench/report_million.py
 
 # Faults and hostile input at full size: fuzzing, overload, kill -9, a full
 # disk, slow clients, hostile input, against the real process on loopback

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -83,31 +84,46 @@ class SiteConfig(_Model):
     base_url: BaseUrl | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # A plain-HTTP socket of the same family (port 80): ACME HTTP-01
+    # challenges, and a redirect to the HTTPS site for everything else.
+    http_listen: Endpoint | None = None
 
     @model_validator(mode="after")
     def _tls_pair(self) -> SiteConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.http_listen is not None and self.tls_cert is None:
+            raise ValueError("http_listen redirects to HTTPS: it needs tls_cert and tls_key")
         return self
 
 
+def _site_family(site: SiteConfig, version: int) -> SiteConfig:
+    for key, endpoint in (("listen", site.listen), ("http_listen", site.http_listen)):
+        if endpoint is None:
+            continue
+        if ipaddress.ip_address(parse_endpoint(endpoint)[0]).version != version:
+            raise ValueError(
+                f"{key}: the IPv{version} site needs an IPv{version} address, got {endpoint!r}"
+            )
+    return site
+
+
 class SitesConfig(_Model):
+    # Directory that `certbot certonly --webroot -w DIR` writes its HTTP-01
+    # challenges to; both sites serve /.well-known/acme-challenge/<token> from it.
+    acme_webroot: Path | None = None
     ipv4: SiteConfig = SiteConfig(listen="127.0.0.1:8080")
     ipv6: SiteConfig = SiteConfig(listen="[::1]:8080")
 
     @field_validator("ipv4")
     @classmethod
     def _ipv4_socket(cls, site: SiteConfig) -> SiteConfig:
-        if ipaddress.ip_address(parse_endpoint(site.listen)[0]).version != 4:
-            raise ValueError(f"listen: the IPv4 site needs an IPv4 address, got {site.listen!r}")
-        return site
+        return _site_family(site, 4)
 
     @field_validator("ipv6")
     @classmethod
     def _ipv6_socket(cls, site: SiteConfig) -> SiteConfig:
-        if ipaddress.ip_address(parse_endpoint(site.listen)[0]).version != 6:
-            raise ValueError(f"listen: the IPv6 site needs an IPv6 address, got {site.listen!r}")
-        return site
+        return _site_family(site, 6)
 
 
 class ServerConfig(_Model):
@@ -120,6 +136,8 @@ class ServerConfig(_Model):
     shutdown_timeout: float = Field(default=10.0, ge=0, le=300)
     # Largest request body accepted (the answer form), in bytes.
     max_body: int = Field(default=16384, ge=1024, le=1048576)
+    # Answer systemd's watchdog (WatchdogSec=) while the database writer works.
+    watchdog: bool = True
 
 
 class HttpConfig(_Model):
@@ -165,6 +183,112 @@ class SurveyConfig(_Model):
         return self
 
 
+def _https_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname or parts.username or parts.password:
+        raise ValueError(f"expected an https:// URL, got {value!r}")
+    return value
+
+
+HttpsUrl = Annotated[str, AfterValidator(_https_url)]
+_HOST = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
+_TEST_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
+def _host(value: str) -> str:
+    if not _HOST.fullmatch(value):
+        raise ValueError(
+            f"expected a lower-case host name such as www.speedtest.net, got {value!r}"
+        )
+    return value
+
+
+Host = Annotated[str, AfterValidator(_host)]
+
+
+class SpeedTest(_Model):
+    """One web speed test the speedtest page lists."""
+
+    # Short name in the form and the database: a-z, 0-9 and '-'.
+    id: str
+    # What the worker sees, e.g. "Speedtest by Ookla".
+    name: str = Field(min_length=1, max_length=64)
+    # Where the worker runs it (a link on the page; the server never fetches it).
+    url: HttpsUrl
+    # Hosts a "share results" link may be on; empty: the test has no share link.
+    share_hosts: tuple[Host, ...] = ()
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _TEST_ID.fullmatch(value):
+            raise ValueError(
+                f"use 1-32 of a-z, 0-9 and '-' (starting with a letter or digit), got {value!r}"
+            )
+        return value
+
+
+# The paper's tools (§3.1): an Ookla-based site, M-Lab's NDT, and others; the
+# researcher lists their own. DSLReports' test, which the paper used, is gone.
+DEFAULT_SPEED_TESTS = (
+    SpeedTest(
+        id="ookla",
+        name="Speedtest by Ookla",
+        url="https://www.speedtest.net/",
+        share_hosts=("www.speedtest.net",),
+    ),
+    SpeedTest(id="ndt", name="M-Lab Speed Test (NDT)", url="https://speed.measurementlab.net/"),
+    SpeedTest(id="cloudflare", name="Cloudflare Speed Test", url="https://speed.cloudflare.com/"),
+)
+
+
+class SpeedTestConfig(_Model):
+    """The speedtest page (experiment kind "speedtest")."""
+
+    tests: tuple[SpeedTest, ...] = Field(default=DEFAULT_SPEED_TESTS, min_length=1, max_length=10)
+    # Reported speeds must be above 0 and at most this many Mbit/s.
+    max_mbps: float = Field(default=10000.0, gt=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _unique(self) -> SpeedTestConfig:
+        ids = [test.id for test in self.tests]
+        for test_id in ids:
+            if ids.count(test_id) > 1:
+                raise ValueError(f"tests: the id {test_id!r} is used twice")
+        return self
+
+
+def _pattern(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"not a regular expression: {e}") from None
+    return value
+
+
+class ToolConfig(_Model):
+    """The run-a-tool page (experiment kind "tool", the paper's §3.2)."""
+
+    # The tool's name as workers see it.
+    name: str = Field(default="Spoofer", min_length=1, max_length=64)
+    # Where workers download it (a link on the page).
+    download_url: HttpsUrl = "https://www.caida.org/projects/spoofer/"
+    # What the tool's report id or URL must match in full (Python regex).
+    report_pattern: Annotated[str, AfterValidator(_pattern)] = (
+        r"(https://spoofer\.caida\.org/report\.php\?sessionid=)?[0-9]{1,12}"
+    )
+    # An example report id shown beside the field.
+    report_example: str = Field(
+        default="https://spoofer.caida.org/report.php?sessionid=1234567", max_length=200
+    )
+
+    @model_validator(mode="after")
+    def _example(self) -> ToolConfig:
+        if not re.fullmatch(self.report_pattern, self.report_example):
+            raise ValueError("report_example: does not match report_pattern")
+        return self
+
+
 def _family(endpoint: str, version: int) -> str:
     if ipaddress.ip_address(parse_endpoint(endpoint)[0]).version != version:
         raise ValueError(f"needs an IPv{version} address, got {endpoint!r}")
@@ -204,6 +328,9 @@ class DnsConfig(_Model):
     tcp_max_connections_per_client: int = Field(default=64, ge=1, le=100_000)
     # Packed replies kept per (name, type, EDNS); wildcard names share one.
     answer_cache: int = Field(default=10000, ge=16, le=10_000_000)
+    # Master-file lines of _acme-challenge TXT records (ACME DNS-01), written
+    # by a certbot hook and read with the zones at start and on SIGHUP.
+    acme_challenges: Path | None = None
     rrl: RateLimitConfig = RateLimitConfig()
 
     @field_validator("listen_ipv4")
@@ -221,6 +348,48 @@ class DnsConfig(_Model):
         if self.enabled and not self.zones:
             raise ValueError("zones: name at least one zone file (or set enabled = false)")
         return self
+
+
+def _admin_path(value: str) -> str:
+    if not value.startswith("/") or any(c in value for c in "?#{} "):
+        raise ValueError(f"expected a path such as /metrics, got {value!r}")
+    return value
+
+
+AdminPath = Annotated[str, AfterValidator(_admin_path)]
+
+
+class AdminConfig(_Model):
+    """The administrative listener: metrics and health, on loopback only."""
+
+    enabled: bool = False
+    listen: Endpoint = "127.0.0.1:9180"
+    metrics_path: AdminPath = "/metrics"
+    health_path: AdminPath = "/healthz"
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback(cls, value: str) -> str:
+        if not ipaddress.ip_address(parse_endpoint(value)[0]).is_loopback:
+            raise ValueError(
+                f"must be a loopback address (127.0.0.1 or [::1]), got {value!r}:"
+                " nothing administrative is served on public addresses"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AdminConfig:
+        if self.metrics_path == self.health_path:
+            raise ValueError("metrics_path and health_path must differ")
+        return self
+
+
+class LoggingConfig(_Model):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "text": time, level, logger, message (a terminal); "journal": a syslog
+    # priority prefix instead of the time (journald keeps time and level);
+    # "json": one JSON object per line.
+    format: Literal["text", "journal", "json"] = "text"
 
 
 def _rehearsal_site(value: str) -> str:
@@ -252,16 +421,123 @@ class MTurkConfig(_Model):
     rehearsal_worker_sites: tuple[RehearsalSite, ...] = ()
 
 
+class GeoIPConfig(_Model):
+    """MaxMind-format databases for ``probe-server report``; the server never reads them."""
+
+    # Country or City database (GeoLite2-Country, GeoLite2-City, GeoIP2-*).
+    country_db: Path | None = None
+    # ASN database (GeoLite2-ASN): network number and owner of each address.
+    asn_db: Path | None = None
+
+
+# The battery's probes beyond the paper's red and blue balls (battery.py).
+BatteryProbe = Literal["ds", "literal", "mtu", "v6ns"]
+# The base URLs whose host names can carry the session label.
+LabelledUrl = Literal["ipv4", "ipv6", "ds", "v6ns"]
+
+
+def _host_is_literal(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class BatteryConfig(_Model):
+    """test-ipv6.com's and APNIC's probes on the ball page, beside the paper's."""
+
+    # Probes added to the ball page: "ds" (a dual-stack name: which family
+    # does the browser choose?), "literal" (an IPv6 address literal: IPv6
+    # without AAAA resolution?), "mtu" (a response of full-size packets over
+    # IPv6: path-MTU black holes?), "v6ns" (a name whose name server is
+    # IPv6-only: does the resolver reach DNS over IPv6?). Empty: the paper's
+    # page, whose one probe is the blue balls.
+    probes: tuple[BatteryProbe, ...] = ()
+    # Base URL of the dual-stack name (A and AAAA), e.g. "http://ds.example.org".
+    ds_url: BaseUrl | None = None
+    # Base URL with the IPv6 site's address as a literal, e.g.
+    # "http://[2001:db8::10]"; unset: the IPv6 site's socket (tests, demo).
+    literal_url: BaseUrl | None = None
+    # Base URL of a dual-stack name inside the zone delegated to an IPv6-only
+    # name server, e.g. "http://ds.v6ns.example.org".
+    v6ns_url: BaseUrl | None = None
+    # Base URLs whose host name gets the session token as its first label
+    # (<token>.v6.example.org): "ipv4" (red balls), "ipv6" (blue balls and
+    # the large response), "ds", "v6ns". Our DNS log then joins each session
+    # with the resolvers that asked for its names. Names only, never literals.
+    labels: tuple[LabelledUrl, ...] = ()
+    # A script reports, for every probe, loaded, failed or still pending and
+    # its timings (Resource Timing) to the IPv4 site; the page works without it.
+    beacon: bool = False
+    # Seconds after which the beacon gives up on probes still loading and
+    # reports them as timed out (test-ipv6.com's timeout).
+    beacon_timeout: float = Field(default=10.0, gt=0, le=120)
+
+    @model_validator(mode="after")
+    def _urls(self) -> BatteryConfig:
+        if len(set(self.probes)) != len(self.probes):
+            raise ValueError("probes: each probe once")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels: each base URL once")
+        for probe, url in (("ds", self.ds_url), ("v6ns", self.v6ns_url)):
+            if probe in self.probes and url is None:
+                raise ValueError(f"{probe}_url: needed by the {probe} probe")
+            if probe in self.labels and url is not None and _host_is_literal(url):
+                raise ValueError(
+                    f"labels: {probe}_url is an address literal; only names get labels"
+                )
+        if self.literal_url is not None:
+            host = urlsplit(self.literal_url).hostname or ""
+            if not _host_is_literal(self.literal_url) or ipaddress.ip_address(host).version != 6:
+                raise ValueError(f"literal_url: needs an IPv6 address literal, got {host!r}")
+        return self
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     sites: SitesConfig = SitesConfig()
     http: HttpConfig = HttpConfig()
     database: DatabaseConfig = DatabaseConfig()
     survey: SurveyConfig = SurveyConfig()
+    speedtest: SpeedTestConfig = SpeedTestConfig()
+    tool: ToolConfig = ToolConfig()
     dns: DnsConfig = DnsConfig()
+    admin: AdminConfig = AdminConfig()
+    logging: LoggingConfig = LoggingConfig()
     mturk: MTurkConfig = MTurkConfig()
+    geoip: GeoIPConfig = GeoIPConfig()
+    battery: BatteryConfig = BatteryConfig()
     # Where the file was read from (None for the built-in demo config).
     source: Path | None = None
+
+    @model_validator(mode="after")
+    def _battery_sites(self) -> Config:
+        battery = self.battery
+        for name, site in (("ipv4", self.sites.ipv4), ("ipv6", self.sites.ipv6)):
+            named = site.base_url is not None and not _host_is_literal(site.base_url)
+            if name in battery.labels and not named:
+                raise ValueError(
+                    f"battery.labels: {name} needs sites.{name}.base_url with a host name"
+                )
+        ipv6_url = self.sites.ipv6.base_url
+        if (
+            "literal" in battery.probes
+            and battery.literal_url is None
+            and ipv6_url is not None
+            and not _host_is_literal(ipv6_url)
+        ):
+            raise ValueError(
+                "battery.literal_url: needed by the literal probe (sites.ipv6.base_url is a name)"
+            )
+        if self.sites.ipv4.tls_cert is not None:
+            # A page on HTTPS may not load images over HTTP (mixed content).
+            for key in ("ds_url", "literal_url", "v6ns_url"):
+                url = getattr(battery, key)
+                if url is not None and url.startswith("http:"):
+                    raise ValueError(f"battery.{key}: the survey is on HTTPS, so must this be")
+        return self
 
     def resolve(self, path: Path) -> Path:
         """A path from the config, relative to the config file's directory."""

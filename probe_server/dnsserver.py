@@ -21,7 +21,7 @@ import asyncio
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from .config import DnsConfig, RateLimitConfig
@@ -55,6 +55,8 @@ class DnsStats:
     tcp_evicted: int = 0
     tcp_timeouts: int = 0
     log_dropped: int = 0
+    # Responses sent, by RCODE text ("NOERROR", "NXDOMAIN", ...).
+    rcodes: dict[str, int] = field(default_factory=dict)
 
 
 class RateLimiter:
@@ -125,6 +127,9 @@ class DnsServer:
     ) -> None:
         self.config = config
         self.responder = responder
+        # What IPv4 sockets answer, when it differs: without the zones whose
+        # name servers are IPv6-only (see Authority.ipv6_only_zones).
+        self.responder_v4: Responder | None = None
         self.sockets = sockets
         self.stats = DnsStats()
         self.rate_limiter = RateLimiter(config.rrl) if config.rrl.enabled else None
@@ -192,6 +197,10 @@ class DnsServer:
             )
             self._writer = None
 
+    @property
+    def tcp_connections(self) -> int:
+        return len(self._connections)
+
     async def drain(self) -> None:
         """Hand queued rows to the writer and wait for their commit (tests, shutdown)."""
         self._flush()
@@ -209,8 +218,11 @@ class DnsServer:
         if self.rate_limiter is not None and transport == UDP:
             # TCP needs a completed handshake, so its source can't be spoofed.
             action = self.rate_limiter.check(family, host, now)
+        responder = self.responder
+        if family == socket.AF_INET and self.responder_v4 is not None:
+            responder = self.responder_v4
         try:
-            outcome = self.responder.respond(data, tcp=transport == TCP, slip=action == SLIP)
+            outcome = responder.respond(data, tcp=transport == TCP, slip=action == SLIP)
         except Exception:
             self.stats.errors += 1
             if self.stats.errors <= 10 or self.stats.errors % 1000 == 0:
@@ -224,6 +236,9 @@ class DnsServer:
             self.stats.slipped += 1
         if reply is not None:
             self.stats.replies += 1
+            rcodes = self.stats.rcodes
+            rcode = outcome.rcode or "?"
+            rcodes[rcode] = rcodes.get(rcode, 0) + 1
         self._log(now, family, host, port, transport, outcome, reply, action)
         return reply
 

@@ -68,7 +68,18 @@ def work(url: str, screenshot: str | None, submit: bool, timeout_ms: int) -> dic
         try:
             page = browser.new_page(viewport={"width": 800, "height": 600})
             try:
-                page.goto(url, wait_until="load", timeout=timeout_ms)
+                page.goto(url, wait_until="domcontentloaded", timeout=timeout_ms)
+                if page.locator("#battery[data-beacon]").count():
+                    # The battery's beacon goes once every probe has settled
+                    # or its timeout has passed: then the worker counts. A
+                    # probe that hangs (broken IPv6, a black hole) would hold
+                    # the load event back for minutes.
+                    page.wait_for_selector(
+                        "#battery[data-sent]", state="attached", timeout=timeout_ms
+                    )
+                    result["beacon"] = page.get_attribute("#battery", "data-sent")
+                else:
+                    page.wait_for_load_state("load", timeout=timeout_ms)
             except Error as e:
                 result["error"] = str(e).splitlines()[0]
                 return result

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 
@@ -418,3 +419,40 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
         return response
     finally:
         table.idle(connection)
+
+
+# -- requests aiohttp cannot parse --------------------------------------------------
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse at ERROR with a traceback.
+
+    That is the client's fault, not ours, and every scanner on the Internet
+    sends such requests: they become one WARNING line without a traceback,
+    the first ten and then every thousandth (the client still gets its 400).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        # Only the parser's own errors: raised in a handler, it was a 500.
+        frame = error.__traceback__
+        if frame is None or frame.tb_frame.f_code.co_name != "data_received":
+            return True
+        self.count += 1
+        if self.count > 10 and self.count % 1000:
+            return False
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = "event=malformed_request count=%d error=%r"
+        record.args = (self.count, " ".join(f"{error.code} {error.message}".split())[:200])
+        record.exc_info = record.exc_text = None
+        return True
+
+
+malformed_requests = _MalformedRequests()
+logging.getLogger("aiohttp.server").addFilter(malformed_requests)

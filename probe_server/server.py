@@ -3,6 +3,12 @@
 Sockets are made here rather than by aiohttp or asyncio so that each family
 gets its own socket and IPv6 sockets carry IPV6_V6ONLY: an IPv4 client must
 never reach the IPv6 site through a mapped address.
+
+Under systemd (Type=notify) the server says READY=1 once every socket is
+bound and the database is open, answers the watchdog while its writer
+commits, and on SIGHUP reloads the TLS certificates, the zones (with the ACME
+DNS-01 records) and whatever registered a reload hook, keeping every socket
+open and the old state of anything that fails to load.
 """
 
 from __future__ import annotations
@@ -14,15 +20,23 @@ import resource
 import signal
 import socket
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
-from .config import Config, SiteConfig, parse_endpoint
+from .acme import read_dns_challenges
+from .admin import create_admin_app
+from .config import Config, parse_endpoint
 from .dnsserver import DnsServer
 from .dnswire import Responder
+from .keys import reload_hooks_key, writer_key
 from .limits import ConnectionTable, GuardedSite
+from .metrics import Metrics
+from .store import Writer
+from .tls import SiteCertificate, TlsError
 from .tokens import load_or_create_secret
 from .web import IPV4, IPV6, create_app
 from .zone import Authority, ZoneError
@@ -65,16 +79,19 @@ def site_url(sock: socket.socket, context: ssl.SSLContext | None) -> str:
     return f"{'https' if context else 'http'}://{endpoint_text(sock)}"
 
 
-def tls_context(config: Config, site: SiteConfig) -> ssl.SSLContext | None:
-    if site.tls_cert is None or site.tls_key is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(config.resolve(site.tls_cert), config.resolve(site.tls_key))
-    except (OSError, ssl.SSLError) as e:
-        raise StartupError(f"cannot load TLS certificate {site.tls_cert}: {e}") from None
-    return context
+def load_certificates(config: Config) -> dict[str, SiteCertificate]:
+    """The certificate of each site that has one."""
+    certificates = {}
+    for name, site in ((IPV4, config.sites.ipv4), (IPV6, config.sites.ipv6)):
+        if site.tls_cert is None or site.tls_key is None:
+            continue
+        try:
+            certificates[name] = SiteCertificate(
+                name, config.resolve(site.tls_cert), config.resolve(site.tls_key)
+            )
+        except TlsError as e:
+            raise StartupError(f"sites.{name}.tls_cert: {e}") from None
+    return certificates
 
 
 def sd_notify(message: str) -> None:
@@ -96,19 +113,28 @@ def sd_notify(message: str) -> None:
 
 @dataclass
 class Listeners:
-    """The bound public sockets, by role."""
+    """The bound sockets, by role."""
 
     http: dict[str, socket.socket]
     # "udp_ipv4", "tcp_ipv4", "udp_ipv6", "tcp_ipv6" (empty when DNS is off).
     dns: dict[str, socket.socket]
+    # Plain-HTTP sockets of TLS sites (port 80: ACME, redirects), by site.
+    plain: dict[str, socket.socket] = field(default_factory=dict)
+    # The admin listener (loopback only), when enabled.
+    admin: socket.socket | None = None
 
     def close(self) -> None:
-        for sock in (*self.http.values(), *self.dns.values()):
+        for sock in (*self.http.values(), *self.dns.values(), *self.plain.values()):
             sock.close()
+        if self.admin is not None:
+            self.admin.close()
 
     def describe(self) -> str:
         parts = [f"http_{site}={endpoint_text(sock)}" for site, sock in self.http.items()]
+        parts += [f"plain_{site}={endpoint_text(sock)}" for site, sock in self.plain.items()]
         parts += [f"dns_{name}={endpoint_text(sock)}" for name, sock in self.dns.items()]
+        if self.admin is not None:
+            parts.append(f"admin={endpoint_text(self.admin)}")
         return " ".join(parts)
 
 
@@ -132,10 +158,14 @@ def bind_all(config: Config) -> Listeners:
     try:
         for name, site in ((IPV4, config.sites.ipv4), (IPV6, config.sites.ipv6)):
             listeners.http[name] = bind_socket(*parse_endpoint(site.listen))
+            if site.http_listen is not None:
+                listeners.plain[name] = bind_socket(*parse_endpoint(site.http_listen))
         if config.dns.enabled:
             for name, endpoint in ((IPV4, config.dns.listen_ipv4), (IPV6, config.dns.listen_ipv6)):
                 udp, tcp = bind_dns_pair(*parse_endpoint(endpoint))
                 listeners.dns[f"udp_{name}"], listeners.dns[f"tcp_{name}"] = udp, tcp
+        if config.admin.enabled:
+            listeners.admin = bind_socket(*parse_endpoint(config.admin.listen))
     except BaseException:
         listeners.close()
         raise
@@ -148,9 +178,14 @@ def bind_all(config: Config) -> Listeners:
 FD_RESERVE = 256
 
 
+def web_sockets(config: Config) -> int:
+    """Public web sockets: each site's, and the plain-HTTP socket of a TLS site."""
+    return 2 + sum(site.http_listen is not None for site in (config.sites.ipv4, config.sites.ipv6))
+
+
 def file_limit_needed(config: Config) -> int:
     """Open files the connection limits can use up, and the reserve."""
-    needed = 2 * config.http.max_connections + FD_RESERVE
+    needed = web_sockets(config) * config.http.max_connections + FD_RESERVE
     if config.dns.enabled:
         needed += config.dns.tcp_max_connections
     return needed
@@ -173,20 +208,88 @@ def ensure_file_limit(config: Config) -> int:
     if soft != resource.RLIM_INFINITY and soft < needed:
         dns = config.dns.tcp_max_connections if config.dns.enabled else 0
         raise StartupError(
-            f"http.max_connections: 2 x {config.http.max_connections} connections"
-            f" + dns.tcp_max_connections {dns} + {FD_RESERVE} need {needed} open files,"
-            f" but the limit is {soft}"
+            f"http.max_connections: {web_sockets(config)} x {config.http.max_connections}"
+            f" connections + dns.tcp_max_connections {dns} + {FD_RESERVE} need {needed}"
+            f" open files, but the limit is {soft}"
             " (raise LimitNOFILE= or ulimit -n, or lower these limits)"
         )
     return int(soft)
 
 
 def load_authority(config: Config) -> Authority:
-    """Read every zone file named in the config, before anything binds."""
+    """Read every zone file named in the config, and the ACME DNS-01 records."""
+    challenges = []
+    if config.dns.acme_challenges is not None:
+        try:
+            challenges = read_dns_challenges(config.resolve(config.dns.acme_challenges))
+        except ZoneError as e:
+            raise StartupError(f"dns.acme_challenges: {e}") from None
     try:
-        return Authority.from_files(config.resolve(path) for path in config.dns.zones)
+        return Authority.from_files((config.resolve(path) for path in config.dns.zones), challenges)
     except ZoneError as e:
         raise StartupError(f"dns.zones: {e}") from None
+
+
+def make_responders(authority: Authority, config: Config) -> tuple[Responder, Responder | None]:
+    """The responder for IPv6 sockets (every zone) and, when it differs, for IPv4.
+
+    IPv4 sockets do not answer from a child zone whose name servers are
+    IPv6-only: they give the parent's referral, so the zone is reached
+    only over IPv6, as if it had a server of its own.
+    """
+    size, cache = config.dns.edns_udp_size, config.dns.answer_cache
+    responder = Responder(authority, udp_size=size, cache_size=cache)
+    ipv6_only = authority.ipv6_only_zones()
+    if not ipv6_only:
+        return responder, None
+    for origin in sorted(ipv6_only):
+        log.info("event=zone_ipv6_only zone=%s", ".".join(o.decode() for o in origin) + ".")
+    return responder, Responder(authority.without(ipv6_only), udp_size=size, cache_size=cache)
+
+
+def sd_monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 messages when systemd asks for them (half its timeout)."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2_000_000
+
+
+class Watchdog:
+    """Sends WATCHDOG=1 at each interval while ``healthy()`` says so.
+
+    The message comes from a timer on the event loop, so a blocked loop stops
+    it too; a writer whose commits fail stops it on purpose: systemd then
+    restarts the service (Restart=on-failure) as it would after a crash.
+    """
+
+    def __init__(self, interval: float, healthy: Callable[[], tuple[bool, str]]) -> None:
+        self.interval = interval
+        self.healthy = healthy
+        self.ticks = 0
+        self.sent = 0
+        # Set after every tick (a new event each time), for tests.
+        self.tick = asyncio.Event()
+
+    async def run(self) -> None:
+        was_ok = True
+        while True:
+            await asyncio.sleep(self.interval)
+            ok, reason = self.healthy()
+            if ok:
+                sd_notify("WATCHDOG=1")
+                self.sent += 1
+            elif was_ok:
+                log.error("event=watchdog_withheld reason=%r", reason)
+            was_ok = ok
+            self.ticks += 1
+            tick, self.tick = self.tick, asyncio.Event()
+            tick.set()
 
 
 class ProbeServer:
@@ -197,10 +300,30 @@ class ProbeServer:
         self.listeners: Listeners | None = None
         self.base_urls: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
         self.app: web.Application | None = None
         self.dns: DnsServer | None = None
         # Each web site's connections (tests; metrics).
         self.connections: dict[str, ConnectionTable] = {}
+        self.certificates: dict[str, SiteCertificate] = {}
+        self.metrics = Metrics()
+        self.metrics.attach(self)
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def writer(self) -> Writer | None:
+        if self.app is None or writer_key not in self.app:
+            return None
+        return self.app[writer_key]
+
+    def health(self) -> tuple[bool, str]:
+        """(True, "ok") while the database writer runs and commits succeed."""
+        writer = self.writer
+        if self._runner is None or writer is None or not writer.running:
+            return False, "the database writer is not running"
+        if not writer.healthy:
+            return False, f"commits are failing: {writer.stats.last_error}"
+        return True, "ok"
 
     async def start(self) -> Listeners:
         """Bind every socket, open the database, start serving.
@@ -212,26 +335,25 @@ class ProbeServer:
             secret = load_or_create_secret(config.resolve(config.server.secret_file))
         except (OSError, ValueError) as e:
             raise StartupError(f"server.secret_file: {e}") from None
-        contexts = {
-            IPV4: tls_context(config, config.sites.ipv4),
-            IPV6: tls_context(config, config.sites.ipv6),
+        certificates = load_certificates(config)
+        contexts: dict[str, ssl.SSLContext | None] = {
+            name: certificates[name].listening if name in certificates else None
+            for name in (IPV4, IPV6)
         }
         authority = load_authority(config) if config.dns.enabled else None
         ensure_file_limit(config)
         listeners = bind_all(config)
+        self.certificates = certificates
         base_urls = {
             IPV4: config.sites.ipv4.base_url or site_url(listeners.http[IPV4], contexts[IPV4]),
             IPV6: config.sites.ipv6.base_url or site_url(listeners.http[IPV6], contexts[IPV6]),
         }
         self.base_urls = base_urls
         if authority is not None:
-            responder = Responder(
-                authority,
-                udp_size=config.dns.edns_udp_size,
-                cache_size=config.dns.answer_cache,
-            )
+            responder, responder_v4 = make_responders(authority, config)
             self.dns = DnsServer(config.dns, responder, listeners.dns)
-        self.app = create_app(config, secret, base_urls, self.dns)
+            self.dns.responder_v4 = responder_v4
+        self.app = create_app(config, secret, base_urls, self.dns, self.metrics)
         runner = web.AppRunner(
             self.app,
             access_log=None,
@@ -263,21 +385,37 @@ class ProbeServer:
                     ssl_context=contexts[name],
                 )
                 await site.start()
+            # The plain-HTTP sockets of TLS sites (ACME, redirects) are public too.
+            for name, sock in listeners.plain.items():
+                table = self.connections[f"plain_{name}"] = ConnectionTable(
+                    f"plain_{name}", limits.max_connections, limits.max_connections_per_client
+                )
+                await GuardedSite(runner, sock, table, send_timeout=limits.send_timeout).start()
+            if listeners.admin is not None:
+                admin = create_admin_app(config.admin, self.metrics, self.health)
+                self._admin_runner = web.AppRunner(admin, access_log=None, handle_signals=False)
+                await self._admin_runner.setup()
+                await web.SockSite(self._admin_runner, listeners.admin).start()
         except BaseException:
             await self.stop()
             raise
+        for certificate in certificates.values():
+            log.info("event=tls_loaded %s", certificate.describe())
         log.info("event=ready %s", listeners.describe())
         return listeners
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, flush the writer. Idempotent."""
+        if self._admin_runner is not None:
+            admin, self._admin_runner = self._admin_runner, None
+            await admin.cleanup()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
             for name, table in self.connections.items():
                 stats = table.stats
                 log.info(
-                    "event=http_connections site=%s admitted=%d peak=%d evicted=%d refused=%d"
+                    "event=http_connections listener=%s admitted=%d peak=%d evicted=%d refused=%d"
                     " send_timeouts=%d",
                     name,
                     stats.admitted,
@@ -289,25 +427,95 @@ class ProbeServer:
         if self.listeners is not None:
             self.listeners.close()
 
+    async def reload(self) -> dict[str, bool]:
+        """Reload certificates, zones and hooks (SIGHUP); sockets stay open.
+
+        Each part either loads completely or keeps serving what it had: a bad
+        file is logged, counted in the metrics and otherwise ignored. Returns
+        each part's result.
+        """
+        async with self._reload_lock:
+            sd_notify(f"RELOADING=1\nMONOTONIC_USEC={sd_monotonic_usec()}")
+            results: dict[str, bool] = {}
+            for name, certificate in self.certificates.items():
+                part = f"tls_{name}"
+                try:
+                    certificate.reload()
+                except TlsError as e:
+                    log.error(
+                        "event=reload_failed part=%s error=%r (old certificate kept)", part, str(e)
+                    )
+                    results[part] = False
+                else:
+                    log.info("event=tls_loaded %s", certificate.describe())
+                    results[part] = True
+            if self.dns is not None:
+                results["zones"] = await self._reload_zones()
+            hooks = self.app[reload_hooks_key] if self.app is not None else []
+            for name, hook in hooks:
+                try:
+                    await hook()
+                except Exception as e:
+                    log.error("event=reload_failed part=%s error=%r", name, str(e))
+                    results[name] = False
+                else:
+                    results[name] = True
+            for part, ok in results.items():
+                self.metrics.reloaded(part, ok)
+            summary = " ".join(f"{part}={'ok' if ok else 'failed'}" for part, ok in results.items())
+            log.info("event=reloaded %s", summary)
+            listening = self.listeners.describe() if self.listeners is not None else ""
+            sd_notify(f"READY=1\nSTATUS=listening {listening} reload: {summary}")
+            return results
+
+    async def _reload_zones(self) -> bool:
+        assert self.dns is not None
+        config = self.config
+        try:
+            # Parsing a large zone takes a while: not on the event loop.
+            authority = await asyncio.to_thread(load_authority, config)
+        except StartupError as e:
+            log.error("event=reload_failed part=zones error=%r (old zones kept)", str(e))
+            return False
+        # New responders: their answer caches start empty.
+        self.dns.responder, self.dns.responder_v4 = make_responders(authority, config)
+        log.info("event=zones_loaded zones=%d", len(authority.zones))
+        return True
+
 
 async def serve(config: Config, *, on_ready: Callable[[Listeners], None] | None = None) -> int:
-    """Serve until SIGTERM or SIGINT, then drain and return 0."""
+    """Serve until SIGTERM or SIGINT, then drain and return 0; SIGHUP reloads."""
     server = ProbeServer(config)
     listeners = await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    background: set[asyncio.Task[object]] = set()
+
+    def spawn(coroutine: Coroutine[Any, Any, object]) -> None:
+        task = loop.create_task(coroutine)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(server.reload()))
     try:
         sd_notify(f"READY=1\nSTATUS=listening {listeners.describe()}\nMAINPID={os.getpid()}")
+        interval = watchdog_interval() if config.server.watchdog else None
+        if interval is not None:
+            spawn(Watchdog(interval, server.health).run())
+            log.info("event=watchdog interval=%.3g", interval)
         if on_ready is not None:
             on_ready(listeners)
         await stop.wait()
         log.info("event=stopping")
         sd_notify("STOPPING=1")
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        for task in list(background):
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await server.stop()
     log.info("event=stopped")
     return 0

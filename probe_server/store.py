@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -168,8 +168,11 @@ class Writer:
         commit_timeout: float = 5.0,
         retry_min: float = 0.05,
         retry_max: float = 2.0,
+        observe_commit: Callable[[float], None] | None = None,
     ) -> None:
         self._conn = conn
+        # Called with each successful commit's duration (the metrics histogram).
+        self._observe_commit = observe_commit
         self._commit_timeout = commit_timeout
         self._queue_limit = queue_limit
         self._batch_max = batch_max
@@ -192,6 +195,11 @@ class Writer:
     def healthy(self) -> bool:
         """False while commits are failing (rows are being held back)."""
         return not self.stats.last_error
+
+    @property
+    def running(self) -> bool:
+        """True while the writer task is alive (started, not finished or crashed)."""
+        return self._task is not None and not self._task.done()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sqlite-writer")
@@ -301,7 +309,10 @@ class Writer:
                 log.warning("event=commit_recovered queued_rows=%d", self._pending_rows)
                 self.stats.last_error = ""
             delay = self._retry_min
-            self.stats.commit_seconds.append(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.stats.commit_seconds.append(elapsed)
+            if self._observe_commit is not None:
+                self._observe_commit(elapsed)
             self.stats.commits += 1
             self.stats.rows += rows
             for item in batch:

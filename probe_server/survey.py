@@ -1,7 +1,11 @@
-"""The ball-counting survey, apart from HTTP: visits, sessions, answers.
+"""The survey pages, apart from HTTP: visits, sessions, answers.
 
-Plain functions and dataclasses; the views in :mod:`probe_server.web` call
-them and turn their errors into 4xx responses.
+Three kinds of page (the paper's three experiments): ``balls`` (count the
+red and blue balls, §3.3), ``speedtest`` (run web speed tests and report
+their speeds and share links, §3.1) and ``tool`` (run a measurement tool
+and report its report id, §3.2). Plain functions and dataclasses; the views
+in :mod:`probe_server.web` call them and turn their errors into 4xx
+responses, in the page's language.
 """
 
 from __future__ import annotations
@@ -12,6 +16,11 @@ import re
 import secrets
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from .config import SpeedTest, SpeedTestConfig, ToolConfig
+from .i18n import N_, SOURCE_LANGUAGE, Message
 
 # MTurk shows a HIT's preview with this assignment id; the worker has not
 # accepted the HIT and cannot submit it.
@@ -38,10 +47,24 @@ EXTERNAL_SUBMIT_PATH = "/mturk/externalSubmit"
 _ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 _BATCH = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_COUNT = 99
+SURVEYS = ("balls", "speedtest", "tool")
+# A speed as a worker copies it: digits, and a decimal point or comma (the
+# decimal separator of Turkish and many other languages); no thousands.
+_SPEED = re.compile(r"([0-9]{1,7})(?:[.,]([0-9]{1,3}))?")
+MAX_SHARE_URL = 500
+MAX_REPORT = 200
 
 
 class BadInput(ValueError):
-    """A request parameter is malformed; the message is safe to show."""
+    """A request parameter is malformed; the message is safe to show.
+
+    ``str()`` is the English text; ``message`` is what the page shows,
+    translated into its language.
+    """
+
+    def __init__(self, text: str, **params: Any) -> None:
+        super().__init__(text % params if params else text)
+        self.message = Message(text, params)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -63,6 +86,8 @@ class Visit:
     worker_id: str | None = None
     turk_submit_to: str | None = None
     batch: str = ""
+    survey: str = "balls"
+    language: str = SOURCE_LANGUAGE
 
     @property
     def preview(self) -> bool:
@@ -89,10 +114,16 @@ def external_submit_url(site: str) -> str:
     return site + EXTERNAL_SUBMIT_PATH
 
 
+def page_language(value: str | None, languages: Collection[str]) -> str:
+    """The language a page asks for, if shipped; else English (for error pages)."""
+    return value if value is not None and value in languages else SOURCE_LANGUAGE
+
+
 def parse_visit(
     query: Mapping[str, str],
     default_batch: str = "",
     worker_sites: Collection[str] = MTURK_WORKER_SITES,
+    languages: Collection[str] = (SOURCE_LANGUAGE,),
 ) -> Visit:
     """Classify a survey visit from MTurk's query parameters.
 
@@ -100,22 +131,31 @@ def parse_visit(
     ExternalURL; in a preview assignmentId is ASSIGNMENT_ID_NOT_AVAILABLE and
     there is no workerId. Without assignmentId the visit is direct (the demo,
     a test, a link shared outside MTurk). turkSubmitTo must name one of
-    ``worker_sites`` and is kept as that site's canonical origin.
+    ``worker_sites`` and is kept as that site's canonical origin. The
+    experiment's own parameters, which ``hits publish`` puts in the
+    ExternalURL: ``survey`` (the kind of page, default balls) and ``lang``
+    (one of ``languages``, default English).
     """
     values: dict[str, str | None] = {}
     for name in ("assignmentId", "hitId", "workerId"):
         value = query.get(name)
         if value is not None and not _ID.fullmatch(value):
-            raise BadInput(f"{name} is malformed")
+            raise BadInput(N_("%(name)s is malformed"), name=name)
         values[name] = value
     submit_to = query.get("turkSubmitTo")
     if submit_to is not None:
         submit_to = worker_site(submit_to, worker_sites)
         if submit_to is None:
-            raise BadInput("turkSubmitTo is not an MTurk worker site")
+            raise BadInput(N_("turkSubmitTo is not an MTurk worker site"))
     batch = query.get("batch", default_batch)
     if batch and not _BATCH.fullmatch(batch):
-        raise BadInput("batch is malformed")
+        raise BadInput(N_("batch is malformed"))
+    survey = query.get("survey", "balls")
+    if survey not in SURVEYS:
+        raise BadInput(N_("there is no survey of this kind"))
+    language = query.get("lang", SOURCE_LANGUAGE)
+    if language not in languages:
+        raise BadInput(N_("this survey is not available in that language"))
     assignment = values["assignmentId"]
     if assignment is None:
         kind = "direct"
@@ -130,6 +170,8 @@ def parse_visit(
         worker_id=values["workerId"] if kind != "preview" else None,
         turk_submit_to=submit_to,
         batch=batch,
+        survey=survey,
+        language=language,
     )
 
 
@@ -145,13 +187,25 @@ class Answer:
     blue: int
 
 
+# Separate sentences per colour: a translation can then put each word where
+# its grammar wants it.
+_COUNT_MISSING = {
+    "red": N_("Please enter the number of red balls."),
+    "blue": N_("Please enter the number of blue balls."),
+}
+_COUNT_BAD = {
+    "red": N_("The number of red balls must be a whole number from 0 to %(max)d."),
+    "blue": N_("The number of blue balls must be a whole number from 0 to %(max)d."),
+}
+
+
 def parse_count(form: Mapping[str, str], name: str) -> int:
     raw = form.get(name)
     if raw is None or not raw.strip():
-        raise BadInput(f"please enter the number of {name} balls")
+        raise BadInput(_COUNT_MISSING[name])
     raw = raw.strip()
     if not raw.isascii() or not raw.isdigit() or len(raw) > 2:
-        raise BadInput(f"the number of {name} balls must be a whole number from 0 to {MAX_COUNT}")
+        raise BadInput(_COUNT_BAD[name], max=MAX_COUNT)
     return int(raw)
 
 
@@ -166,3 +220,125 @@ def ball_urls(base_url: str, colour: str, token: str, count: int, ipv4: str) -> 
     the paper's ``img.php?1.2.3.4`` URLs did, so logs read the same way.
     """
     return [f"{base_url}/{colour}/{token}/{i}.png?ip={ipv4}" for i in range(1, count + 1)]
+
+
+# -- the speedtest page ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpeedReport:
+    """What a worker reported for one speed test."""
+
+    test: str
+    name: str
+    download_mbps: float
+    upload_mbps: float
+    share_url: str | None
+
+
+def field_names(test: SpeedTest) -> tuple[str, str, str]:
+    """The form fields of a test: download, upload and share link."""
+    return f"download-{test.id}", f"upload-{test.id}", f"share-{test.id}"
+
+
+_SPEED_MISSING = {
+    "download": N_("Please enter the download speed that %(test)s showed, in Mbit/s."),
+    "upload": N_("Please enter the upload speed that %(test)s showed, in Mbit/s."),
+}
+_SPEED_BAD = {
+    "download": N_(
+        "The download speed of %(test)s must be a number above 0 and at most %(max)s Mbit/s,"
+        " such as 94.5."
+    ),
+    "upload": N_(
+        "The upload speed of %(test)s must be a number above 0 and at most %(max)s Mbit/s,"
+        " such as 11.8."
+    ),
+}
+
+
+def _max_text(value: float) -> str:
+    return f"{value:g}"
+
+
+def parse_speed(raw: str | None, direction: str, test: SpeedTest, max_mbps: float) -> float:
+    """A speed in Mbit/s as the worker typed it ("94.5" or "94,5")."""
+    raw = (raw or "").strip()
+    if not raw:
+        raise BadInput(_SPEED_MISSING[direction], test=test.name)
+    match = _SPEED.fullmatch(raw) if raw.isascii() else None
+    if match is None:
+        raise BadInput(_SPEED_BAD[direction], test=test.name, max=_max_text(max_mbps))
+    value = float(f"{match.group(1)}.{match.group(2) or '0'}")
+    if not 0 < value <= max_mbps:
+        raise BadInput(_SPEED_BAD[direction], test=test.name, max=_max_text(max_mbps))
+    return value
+
+
+def share_link(raw: str | None, test: SpeedTest) -> str | None:
+    """The test's "share results" link, if given: https, on one of its hosts.
+
+    The link is parsed, never fetched. Its host must be exactly one of the
+    test's share_hosts, with no user name, password or port: a link to
+    any other site (or one that merely contains the host's name) is refused.
+    """
+    raw = (raw or "").strip()
+    if not raw or not test.share_hosts:
+        return None
+    bad = BadInput(
+        N_("The share link of %(test)s must be an https:// link on %(hosts)s."),
+        test=test.name,
+        hosts=", ".join(test.share_hosts),
+    )
+    if len(raw) > MAX_SHARE_URL or not raw.isascii() or any(c.isspace() for c in raw):
+        raise bad
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError:
+        raise bad from None
+    host = (parts.hostname or "").rstrip(".")
+    if (
+        parts.scheme.lower() != "https"
+        or parts.username is not None
+        or parts.password is not None
+        or port not in (None, 443)
+        or host not in test.share_hosts
+        or "\\" in raw
+    ):
+        raise bad
+    return raw
+
+
+def parse_speedtests(form: Mapping[str, str], config: SpeedTestConfig) -> list[SpeedReport]:
+    """Every configured test's speeds and share link; the first problem raises."""
+    reports = []
+    for test in config.tests:
+        download, upload, share = field_names(test)
+        reports.append(
+            SpeedReport(
+                test=test.id,
+                name=test.name,
+                download_mbps=parse_speed(form.get(download), "download", test, config.max_mbps),
+                upload_mbps=parse_speed(form.get(upload), "upload", test, config.max_mbps),
+                share_url=share_link(form.get(share), test),
+            )
+        )
+    return reports
+
+
+# -- the tool page -----------------------------------------------------------------
+
+
+def parse_tool_report(form: Mapping[str, str], config: ToolConfig) -> str:
+    """The tool's report id or URL, matched in full against the configured pattern."""
+    raw = (form.get("report") or "").strip()
+    if not raw:
+        raise BadInput(N_("Please paste the report id that %(tool)s showed."), tool=config.name)
+    if len(raw) > MAX_REPORT or not re.fullmatch(config.report_pattern, raw):
+        raise BadInput(
+            N_("This does not look like a report id of %(tool)s. It looks like this: %(example)s"),
+            tool=config.name,
+            example=config.report_example,
+        )
+    return raw

@@ -8,31 +8,42 @@ site gets 421 Misdirected Request; anything else 404.
 Every request on a public site becomes a row in ``requests``. Probe images,
 the survey page and the answer are answered only once their rows are
 committed (a 200 means "stored").
+
+Nothing administrative is served here: metrics and health live on the admin
+listener (``admin.py``), bound to loopback only. A site with TLS may also
+have a plain-HTTP socket (port 80): it answers ACME challenges and redirects
+everything else to the HTTPS site.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
-import jinja2
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import images, survey
+from . import acme, battery, images, survey
 from .config import Config
 from .dnsserver import DnsServer
+from .i18n import N_, Message, Pages
 from .keys import (
     base_urls_key,
+    battery_bases_key,
     config_key,
     csp_key,
     dns_key,
+    https_sites_key,
+    metrics_key,
     reader_key,
+    reload_hooks_key,
     secret_key,
     templates_key,
     verifier_key,
@@ -40,6 +51,7 @@ from .keys import (
     writer_key,
 )
 from .limits import track_requests
+from .metrics import Metrics
 from .store import NotStored, Overloaded, Row, Writer, open_database, open_reader
 from .tokens import TokenVerifier, looks_like_token, new_token
 
@@ -53,15 +65,45 @@ INSERT_REQUEST = (
     "INSERT INTO requests (t, site, addr, port, method, path, kind, token, token_ok,"
     " ball, status, bytes, user_agent) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+# A session with the defaults of schema 0006 (balls, English); the test and
+# benchmark populations write sessions with it.
 INSERT_SESSION = (
     "INSERT INTO sessions (token, created, ipv4, port, user_agent, red_count, blue_count,"
     " visit, assignment_id, hit_id, worker_id, turk_submit_to, batch)"
     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+# The same, with the kind of page and its language (schema 0006).
+INSERT_SESSION_OF_KIND = (
+    "INSERT INTO sessions (token, created, ipv4, port, user_agent, red_count, blue_count,"
+    " visit, assignment_id, hit_id, worker_id, turk_submit_to, batch, survey, language)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+INSERT_SPEEDTEST = (
+    "INSERT INTO speedtest_reports (session_token, t, addr, test, name, download_mbps,"
+    " upload_mbps, share_url) VALUES (?,?,?,?,?,?,?,?)"
+)
+INSERT_TOOL_REPORT = (
+    "INSERT INTO tool_reports (session_token, t, addr, tool, report) VALUES (?,?,?,?,?)"
+)
 INSERT_ANSWER = (
     "INSERT INTO answers (session_token, t, addr, red_reported, blue_reported, red_correct)"
     " VALUES (?,?,?,?,?,?)"
 )
+# The battery (schema 0007): which probes a page carried, and its beacons.
+INSERT_BATTERY_PAGE = (
+    "INSERT INTO battery_pages (session_token, probes, labels, beacon, v6ns_host)"
+    " VALUES (?,?,?,?,?)"
+)
+INSERT_BEACON = (
+    "INSERT INTO beacons (session_token, t, addr, final, probe, state, at_ms, duration_ms,"
+    " dns_ms, connect_ms) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+# The battery's beacon script, served from the IPv4 site so that the CSP
+# can allow scripts from 'self' only.
+BATTERY_SCRIPT = resources.files("probe_server").joinpath("static/battery.js").read_bytes()
+# What the ball page adds to the CSP of every page: its one script is that
+# file, and it may send its beacon only to its own site.
+SURVEY_CSP = "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -107,40 +149,6 @@ def peer(request: web.Request) -> tuple[str, int]:
     return survey.canonical_address(peername[0]), int(peername[1])
 
 
-class _MalformedRequests(logging.Filter):
-    """aiohttp logs every request it cannot parse at ERROR with a traceback.
-
-    That is the client's fault, not ours, and every scanner on the Internet
-    sends such requests: they become one WARNING line without a traceback,
-    the first ten and then every thousandth (the client still gets its 400).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if not isinstance(error, HttpProcessingError):
-            return True
-        # Only the parser's own errors: raised in a handler, it was a 500.
-        frame = error.__traceback__
-        if frame is None or frame.tb_frame.f_code.co_name != "data_received":
-            return True
-        self.count += 1
-        if self.count > 10 and self.count % 1000:
-            return False
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.msg = "event=malformed_request count=%d error=%r"
-        record.args = (self.count, " ".join(f"{error.code} {error.message}".split())[:200])
-        record.exc_info = record.exc_text = None
-        return True
-
-
-malformed_requests = _MalformedRequests()
-logging.getLogger("aiohttp.server").addFilter(malformed_requests)
-
-
 def storable(text: str) -> str:
     """Client text as SQLite can take it: undecodable bytes become U+FFFD.
 
@@ -160,6 +168,19 @@ def _no_store(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
+def _probe_response(body: bytes) -> web.Response:
+    """A probe image: never cached, and its timings readable by the survey page.
+
+    Timing-Allow-Origin lets the page's beacon read DNS and connect times of
+    these cross-origin images (Resource Timing); they reveal nothing but our
+    own servers' speed.
+    """
+    response = web.Response(body=body, content_type="image/png")
+    response.headers["Timing-Allow-Origin"] = "*"
+    _no_store(response)
+    return response
+
+
 def content_security_policy(worker_sites: tuple[str, ...]) -> str:
     """Who may frame our pages and where their forms may post.
 
@@ -174,16 +195,32 @@ def content_security_policy(worker_sites: tuple[str, ...]) -> str:
     return f"frame-ancestors {' '.join(dict.fromkeys(framing.split()))}; form-action {forms}"
 
 
-def _page(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
-    html = request.app[templates_key].get_template(template).render(**context)
+def _page(
+    request: web.Request,
+    template: str,
+    language: str,
+    status: int = 200,
+    csp: str = "",
+    **context: Any,
+) -> web.Response:
+    html = request.app[templates_key].render(language, template, **context)
     response = web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
-    response.headers["Content-Security-Policy"] = request.app[csp_key]
+    policy = request.app[csp_key]
+    response.headers["Content-Security-Policy"] = f"{policy}; {csp}" if csp else policy
+    response.headers["Content-Language"] = language
     _no_store(response)
     return response
 
 
-def _bad_request(request: web.Request, message: str) -> web.Response:
-    return _page(request, "error.html", status=400, message=message)
+def _bad_request(request: web.Request, message: Message, language: str) -> web.Response:
+    text = request.app[templates_key].message(language, message)
+    return _page(request, "error.html", language, status=400, message=text)
+
+
+# The hidden probe images of the speedtest and tool pages: one of each colour.
+PROBES_PER_COLOUR = 1
+# The page of each kind of survey (the ball page keeps its old name).
+TEMPLATES = {"balls": "survey.html", "speedtest": "speedtest.html", "tool": "tool.html"}
 
 
 # -- IPv4 site ---------------------------------------------------------------
@@ -191,21 +228,35 @@ def _bad_request(request: web.Request, message: str) -> web.Response:
 
 @on_sites(IPV4)
 async def survey_page(request: web.Request) -> web.StreamResponse:
+    """The survey: the ball page, the speedtest page or the tool page (``?survey=``).
+
+    Every kind makes a session and tags its probe images with the session's
+    token: the ball page's balls are the probes; the other pages carry one
+    hidden red and one hidden blue image, so the worker's IPv4 and IPv6
+    addresses are recorded and correlated the same way.
+    """
     config = request.app[config_key]
+    pages = request.app[templates_key]
     probe = request[probe_key]
     probe.kind = "survey"
+    language = survey.page_language(request.query.get("lang"), pages.languages)
     try:
         worker_sites: tuple[str, ...] = request.app[worker_sites_key]
-        visit = survey.parse_visit(request.query, config.survey.batch, worker_sites)
+        visit = survey.parse_visit(
+            request.query, config.survey.batch, worker_sites, pages.languages
+        )
     except survey.BadInput as e:
-        return _bad_request(request, str(e))
+        return _bad_request(request, e.message, language)
     token = new_token(request.app[secret_key])
-    red, blue = survey.draw_counts(config.survey.min_balls, config.survey.max_balls)
+    if visit.survey == "balls":
+        red, blue = survey.draw_counts(config.survey.min_balls, config.survey.max_balls)
+    else:
+        red = blue = PROBES_PER_COLOUR
     address = probe.addr
     probe.token, probe.token_ok, probe.durable = token, True, True
     probe.rows.append(
         (
-            INSERT_SESSION,
+            INSERT_SESSION_OF_KIND,
             (
                 token,
                 time.time(),
@@ -220,18 +271,44 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
                 visit.worker_id,
                 visit.turk_submit_to,
                 visit.batch,
+                visit.survey,
+                visit.language,
             ),
         )
     )
-    base_urls = request.app[base_urls_key]
-    return _page(
-        request,
-        "survey.html",
-        token=token,
-        visit=visit,
-        red_urls=survey.ball_urls(base_urls[IPV4], "red", token, red, address),
-        blue_urls=survey.ball_urls(base_urls[IPV6], "blue", token, blue, address),
-    )
+    # The battery's probes go on the ball page only; the other kinds carry
+    # just the passive dual-stack pair (red and blue) in probes.html.
+    page = battery.page(config.battery, request.app[battery_bases_key], token)
+    on_page = page.active and visit.survey == "balls"
+    if on_page:
+        probe.rows.append(
+            (
+                INSERT_BATTERY_PAGE,
+                (
+                    token,
+                    json.dumps(page.names),
+                    json.dumps(page.labels),
+                    page.beacon,
+                    page.v6ns_host,
+                ),
+            )
+        )
+    context: dict[str, Any] = {
+        "token": token,
+        "visit": visit,
+        "red_urls": survey.ball_urls(page.red_base, "red", token, red, address),
+        "blue_urls": survey.ball_urls(page.blue_base, "blue", token, blue, address),
+        "battery": page if on_page else None,
+        "beacon_path": battery.BEACON_PATH,
+        "script_path": battery.SCRIPT_PATH,
+    }
+    if visit.survey == "speedtest":
+        context["tests"] = [(test, survey.field_names(test)) for test in config.speedtest.tests]
+        context["max_mbps"] = f"{config.speedtest.max_mbps:g}"
+    elif visit.survey == "tool":
+        context["tool"] = config.tool
+    csp = SURVEY_CSP if visit.survey == "balls" else ""
+    return _page(request, TEMPLATES[visit.survey], visit.language, csp=csp, **context)
 
 
 async def _ball(request: web.Request, kind: str, body: bytes) -> web.StreamResponse:
@@ -247,7 +324,7 @@ async def _ball(request: web.Request, kind: str, body: bytes) -> web.StreamRespo
         probe.ball = int(ball)
     # A forged or unknown token still gets its image, so the page never
     # looks broken; the row says the token was not ours.
-    return _no_store(web.Response(body=body, content_type="image/png"))
+    return _probe_response(body)
 
 
 @on_sites(IPV4)
@@ -260,10 +337,125 @@ async def blue_ball(request: web.Request) -> web.StreamResponse:
     return await _ball(request, "blue", images.BLUE_BALL)
 
 
+# -- the battery's probes (battery.py) ------------------------------------------------
+
+
+def _battery_probe(request: web.Request, kind: str) -> Probe:
+    probe = request[probe_key]
+    probe.kind = kind
+    probe.durable = True
+    token = request.match_info["token"]
+    if looks_like_token(token):
+        probe.token = token
+        probe.token_ok = request.app[verifier_key](token)
+    return probe
+
+
+async def dual_stack_probe(request: web.Request) -> web.StreamResponse:
+    """The dual-stack name: served on both sites; the site is the family chosen."""
+    _battery_probe(request, "ds")
+    return _probe_response(images.PIXEL)
+
+
+async def v6ns_probe(request: web.Request) -> web.StreamResponse:
+    """The name under the IPv6-only name server: it resolved, so the resolver has IPv6."""
+    _battery_probe(request, "v6ns")
+    return _probe_response(images.PIXEL)
+
+
+@on_sites(IPV6)
+async def literal_probe(request: web.Request) -> web.StreamResponse:
+    _battery_probe(request, "literal")
+    return _probe_response(images.PIXEL)
+
+
+@on_sites(IPV6)
+async def large_probe(request: web.Request) -> web.StreamResponse:
+    """Full-size packets over IPv6: a redirect padded past what a 1280-byte path carries.
+
+    The browser follows it only once the whole header block has arrived, so
+    the fetch of its target (``mtu-ok``) shows that large packets got through.
+    """
+    _battery_probe(request, "mtu")
+    response = web.Response(status=302)
+    response.headers["Location"] = battery.LARGE_REDIRECT
+    response.headers["X-Padding"] = battery.LARGE_PADDING
+    response.headers["Timing-Allow-Origin"] = "*"
+    _no_store(response)
+    return response
+
+
+@on_sites(IPV6)
+async def large_probe_done(request: web.Request) -> web.StreamResponse:
+    _battery_probe(request, "mtu-ok")
+    return _probe_response(images.PIXEL)
+
+
+@on_sites(IPV4)
+async def battery_script(request: web.Request) -> web.StreamResponse:
+    request[probe_key].kind = "script"
+    response = web.Response(body=BATTERY_SCRIPT, content_type="text/javascript")
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return _no_store(response)
+
+
+def _refuse_beacon(status: int, reason: str) -> web.StreamResponse:
+    return _no_store(web.Response(status=status, text=f"{status}: {reason}\n"))
+
+
+@on_sites(IPV4)
+async def beacon(request: web.Request) -> web.StreamResponse:
+    """The battery's report of what loaded: validated, bounded, stored, 204."""
+    probe = request[probe_key]
+    probe.kind = "beacon"
+    length = request.content_length
+    if length is not None and length > battery.MAX_BEACON_BYTES:
+        return _refuse_beacon(413, "beacon too large")
+    try:
+        # As the answer form: not for ever, and a client gone is logged.
+        async with asyncio.timeout(request.app[config_key].http.body_timeout):
+            body = await request.content.read(battery.MAX_BEACON_BYTES + 1)
+    except TimeoutError:
+        return _refuse_beacon(408, "beacon too slow")
+    except (ConnectionError, HttpProcessingError):
+        return _refuse_beacon(400, "beacon cut short")
+    try:
+        report = battery.parse_beacon(body)
+    except battery.BadBeacon as e:
+        return _refuse_beacon(400, f"not a beacon: {e}")
+    probe.token = report.token
+    probe.token_ok = request.app[verifier_key](report.token)
+    if not probe.token_ok:
+        return _refuse_beacon(400, "not a session of ours")
+    probe.durable = True
+    now = time.time()
+    for name, seen in report.probes.items():
+        probe.rows.append(
+            (
+                INSERT_BEACON,
+                (
+                    report.token,
+                    now,
+                    probe.addr,
+                    report.final,
+                    name,
+                    seen.state,
+                    seen.at,
+                    seen.duration,
+                    seen.dns,
+                    seen.connect,
+                ),
+            )
+        )
+    return _no_store(web.Response(status=204))
+
+
 @on_sites(IPV4)
 async def submit(request: web.Request) -> web.StreamResponse:
+    """An answer of any kind of page: validated, stored, then handed on to MTurk."""
     probe = request[probe_key]
     probe.kind = "submit"
+    languages = request.app[templates_key].languages
     try:
         # A client may send its body as slowly as it likes: not for ever.
         async with asyncio.timeout(request.app[config_key].http.body_timeout):
@@ -272,40 +464,91 @@ async def submit(request: web.Request) -> web.StreamResponse:
         # HttpProcessingError: a malformed multipart part; ConnectionError:
         # the client went away mid-body. Both were 500s with an ERROR
         # traceback, and the request was not logged (found by fuzzing).
-        return _bad_request(request, "the form could not be read")
+        return _bad_request(request, Message(N_("the form could not be read")), "en")
     except TimeoutError:
-        return _page(request, "error.html", status=408, message="the form took too long to arrive")
+        late = _bad_request(request, Message(N_("the form could not be read")), "en")
+        late.set_status(408)
+        return late
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    # Until the session is found, errors use the language the form says.
+    language = survey.page_language(fields.get("lang"), languages)
     token = fields.get("token", "")
     if looks_like_token(token):
         probe.token = token
         probe.token_ok = request.app[verifier_key](token)
     if not probe.token_ok:
-        return _bad_request(request, "this survey session is not valid; please reload the page")
-    try:
-        answer = survey.parse_answer(fields)
-    except survey.BadInput as e:
-        return _bad_request(request, str(e))
+        return _bad_request(
+            request,
+            Message(N_("this survey session is not valid; please reload the page")),
+            language,
+        )
     async with request.app[reader_key].execute(
-        "SELECT red_count, visit, assignment_id, turk_submit_to FROM sessions WHERE token = ?",
+        "SELECT red_count, visit, assignment_id, turk_submit_to, survey, language"
+        " FROM sessions WHERE token = ?",
         (token,),
     ) as cursor:
         session = await cursor.fetchone()
     if session is None:
-        return _bad_request(request, "this survey session is unknown; please reload the page")
-    red_count, visit, assignment_id, turk_submit_to = session
+        return _bad_request(
+            request,
+            Message(N_("this survey session is unknown; please reload the page")),
+            language,
+        )
+    red_count, visit, assignment_id, turk_submit_to, kind, language = session
     if visit == "preview":
         return _bad_request(
-            request, "this is a preview of the HIT: accept the HIT on MTurk, then answer"
+            request,
+            Message(N_("this is a preview of the HIT: accept the HIT on MTurk, then answer")),
+            language,
         )
+    config = request.app[config_key]
+    now = time.time()
+    handed_on: list[tuple[str, str]] = [("token", token)]
+    try:
+        if kind == "speedtest":
+            reports = survey.parse_speedtests(fields, config.speedtest)
+            for report in reports:
+                probe.rows.append(
+                    (
+                        INSERT_SPEEDTEST,
+                        (
+                            token,
+                            now,
+                            probe.addr,
+                            report.test,
+                            report.name,
+                            report.download_mbps,
+                            report.upload_mbps,
+                            report.share_url,
+                        ),
+                    )
+                )
+                handed_on += [
+                    (f"download-{report.test}", f"{report.download_mbps:g}"),
+                    (f"upload-{report.test}", f"{report.upload_mbps:g}"),
+                ]
+                if report.share_url:
+                    handed_on.append((f"share-{report.test}", report.share_url))
+        elif kind == "tool":
+            report_id = survey.parse_tool_report(fields, config.tool)
+            probe.rows.append(
+                (INSERT_TOOL_REPORT, (token, now, probe.addr, config.tool.name, report_id))
+            )
+            handed_on.append(("report", report_id))
+        else:
+            answer = survey.parse_answer(fields)
+            probe.rows.append(
+                (
+                    INSERT_ANSWER,
+                    (token, now, probe.addr, answer.red, answer.blue, answer.red == red_count),
+                )
+            )
+            handed_on += [("red", str(answer.red)), ("blue", str(answer.blue))]
+    except survey.BadInput as e:
+        # Nothing of an invalid answer is stored: its rows were never queued.
+        return _bad_request(request, e.message, language)
     probe.durable = True
-    probe.rows.append(
-        (
-            INSERT_ANSWER,
-            (token, time.time(), probe.addr, answer.red, answer.blue, answer.red == red_count),
-        )
-    )
-    # The record middleware answers only once the answer row is committed:
+    # The record middleware answers only once the answer rows are committed:
     # the browser hands the answer on to MTurk only after we have stored it.
     site = None
     if visit == "accepted" and assignment_id and turk_submit_to:
@@ -313,15 +556,16 @@ async def submit(request: web.Request) -> web.StreamResponse:
         worker_sites: tuple[str, ...] = request.app[worker_sites_key]
         site = survey.worker_site(turk_submit_to, worker_sites)
     if site is None:
-        return _page(request, "thanks.html")
+        return _page(request, "thanks.html", language)
     return _page(
         request,
         "handoff.html",
+        language,
         submit_url=survey.external_submit_url(site),
         assignment_id=assignment_id,
         # Everything but assignmentId becomes an answer in MTurk's
         # QuestionFormAnswers; the token lets review find the session.
-        fields=[("token", token), ("red", str(answer.red)), ("blue", str(answer.blue))],
+        fields=handed_on,
     )
 
 
@@ -348,6 +592,23 @@ async def expect(request: web.Request) -> None:
         request.writer.output_size = 0
         return
     raise web.HTTPExpectationFailed(text="417: unknown Expect\n")
+
+
+# -- both sites ----------------------------------------------------------------
+
+
+async def acme_challenge(request: web.Request) -> web.StreamResponse:
+    """ACME HTTP-01: the key authorization certbot left in the webroot."""
+    request[probe_key].kind = "acme"
+    webroot = request.app[config_key].sites.acme_webroot
+    body = None
+    if webroot is not None:
+        body = acme.read_http_challenge(
+            request.app[config_key].resolve(webroot), request.match_info["token"]
+        )
+    if body is None:
+        raise web.HTTPNotFound()
+    return _no_store(web.Response(body=body, content_type="text/plain"))
 
 
 # -- the request log -----------------------------------------------------------
@@ -386,8 +647,17 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Route by socket family, log the request, hold probes until stored."""
     site = site_of(request)
     probe = request[probe_key] = Probe(*peer(request))
-    allowed = getattr(request.match_info.handler, "sites", None)
+    route_handler = request.match_info.handler
+    allowed = getattr(route_handler, "sites", None)
     try:
+        if (
+            request.scheme == "http"
+            and site in request.app[https_sites_key]
+            and route_handler is not acme_challenge
+        ):
+            # The plain-HTTP socket of a TLS site: only ACME is served here.
+            probe.kind = "redirect"
+            raise web.HTTPPermanentRedirect(request.app[base_urls_key][site] + request.raw_path)
         if allowed is not None and site not in allowed:
             probe.kind = "wrong-site"
             raise web.HTTPMisdirectedRequest(text="421: this path is served on the other site\n")
@@ -400,14 +670,18 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     # Every response waits for its row, so a response means "logged". Only
     # successful probes turn into 503 when the row cannot be stored: they are
     # the measurement, and a 200 must mean that it was kept.
+    metrics = request.app[metrics_key]
     try:
         await request.app[writer_key].write(rows)
     except Overloaded:
         if probe.durable and response.status < 400:
+            metrics.request(site, probe.kind, 503)
             return _unavailable("overloaded")
     except NotStored:
         if probe.durable and response.status < 400:
+            metrics.request(site, probe.kind, 503)
             return _unavailable("storage is not keeping up")
+    metrics.request(site, probe.kind, response.status)
     if isinstance(response, web.HTTPException):
         raise response
     return response
@@ -425,6 +699,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         queue_limit=config.database.queue_limit,
         batch_max=config.database.batch_max,
         commit_timeout=config.server.commit_timeout,
+        observe_commit=app[metrics_key].commit_seconds.observe,
     )
     writer.start()
     reader = await open_reader(path)
@@ -459,7 +734,11 @@ async def _dns(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(
-    config: Config, secret: bytes, base_urls: dict[str, str], dns: DnsServer | None = None
+    config: Config,
+    secret: bytes,
+    base_urls: dict[str, str],
+    dns: DnsServer | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The public application; the same app serves both sites' sockets.
 
@@ -473,7 +752,18 @@ def create_app(
         client_max_size=config.server.max_body,
     )
     app[config_key] = config
+    app[metrics_key] = metrics or Metrics()
+    app[reload_hooks_key] = []
+    app[https_sites_key] = frozenset(
+        name
+        for name, site in ((IPV4, config.sites.ipv4), (IPV6, config.sites.ipv6))
+        if site.tls_cert is not None
+    )
     app[base_urls_key] = base_urls
+    # The literal probe defaults to the IPv6 site's own URL when that is a
+    # literal (tests, the demo); the config checked that it then is.
+    literal = config.battery.literal_url or base_urls[IPV6]
+    app[battery_bases_key] = {**base_urls, "literal": literal}
     worker_sites = (*survey.MTURK_WORKER_SITES, *config.mturk.rehearsal_worker_sites)
     app[worker_sites_key] = worker_sites
     app[csp_key] = content_security_policy(worker_sites)
@@ -484,11 +774,7 @@ def create_app(
         )
     app[secret_key] = secret
     app[verifier_key] = TokenVerifier(secret)
-    app[templates_key] = jinja2.Environment(
-        loader=jinja2.PackageLoader("probe_server", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-    )
+    app[templates_key] = Pages()
     app.cleanup_ctx.append(_database)
     if dns is not None:
         app[dns_key] = dns
@@ -497,6 +783,14 @@ def create_app(
     app.router.add_post("/submit", submit, expect_handler=expect)
     app.router.add_get(r"/red/{token}/{ball}.png", red_ball, expect_handler=expect)
     app.router.add_get(r"/blue/{token}/{ball}.png", blue_ball, expect_handler=expect)
+    app.router.add_get(r"/ds/{token}.png", dual_stack_probe, expect_handler=expect)
+    app.router.add_get(r"/v6ns/{token}.png", v6ns_probe, expect_handler=expect)
+    app.router.add_get(r"/literal/{token}.png", literal_probe, expect_handler=expect)
+    app.router.add_get(r"/mtu/{token}/large.png", large_probe, expect_handler=expect)
+    app.router.add_get(r"/mtu/{token}/ok.png", large_probe_done, expect_handler=expect)
+    app.router.add_get(battery.SCRIPT_PATH, battery_script, expect_handler=expect)
+    app.router.add_post(battery.BEACON_PATH, beacon, expect_handler=expect)
+    app.router.add_get("/.well-known/acme-challenge/{token}", acme_challenge, expect_handler=expect)
     # Last: every other path, any method, is ours to answer 404 (routes added
     # after this one are never reached). aiohttp's own 404 route would use
     # its default Expect handler.

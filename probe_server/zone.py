@@ -22,6 +22,7 @@ import dns.exception
 import dns.name
 import dns.rdata
 import dns.rdatatype
+import dns.rrset
 import dns.zone
 from dnslib import AAAA, CNAME, MX, NS, PTR, RD, RR, SOA, TXT, A, DNSLabel
 
@@ -108,7 +109,7 @@ def _rdata(rdata: dns.rdata.Rdata) -> RD:
     return RD(rdata.to_wire())
 
 
-def _targets(rrset: Iterable[RR]) -> list[Name]:
+def record_targets(rrset: Iterable[RR]) -> list[Name]:
     """Names whose addresses belong in the additional section (RFC 1034 §3.6.2, RFC 2782)."""
     names = []
     for rr in rrset:
@@ -125,10 +126,9 @@ def _targets(rrset: Iterable[RR]) -> list[Name]:
     return names
 
 
-def load_zone(path: str | os.PathLike[str]) -> Zone:
-    """Read one master file; its origin comes from its ``$ORIGIN`` line."""
+def _parse(path: str | os.PathLike[str]) -> dns.zone.Zone:
     try:
-        parsed = dns.zone.from_file(os.fspath(path), origin=None, relativize=False)
+        return dns.zone.from_file(os.fspath(path), origin=None, relativize=False)
     except FileNotFoundError:
         raise ZoneError(f"{path}: no such file") from None
     except OSError as e:
@@ -141,8 +141,24 @@ def load_zone(path: str | os.PathLike[str]) -> Zone:
         text = str(e) or type(e).__name__
         # dnspython's syntax errors already start with "FILE:LINE:".
         raise ZoneError(text if text.startswith(f"{path}:") else f"{path}: {text}") from None
+
+
+def load_zone(path: str | os.PathLike[str], extra: Iterable[dns.rrset.RRset] = ()) -> Zone:
+    """Read one master file; its origin comes from its ``$ORIGIN`` line.
+
+    ``extra`` records (ACME DNS-01 challenges) are added to the zone's own.
+    """
+    return _convert(path, _parse(path), extra)
+
+
+def _convert(
+    path: str | os.PathLike[str], parsed: dns.zone.Zone, extra: Iterable[dns.rrset.RRset] = ()
+) -> Zone:
     if parsed.origin is None:
         raise ZoneError(f"{path}: no $ORIGIN line names the zone")
+    for rrset in extra:
+        node = parsed.find_node(rrset.name, create=True)
+        node.find_rdataset(rrset.rdclass, rrset.rdtype, create=True).union_update(rrset)
     origin = _key(parsed.origin)
     nodes: dict[Name, dict[int, tuple[RR, ...]]] = {}
     for name, rdataset in parsed.iterate_rdatasets():
@@ -186,8 +202,56 @@ class Authority:
             self.zones[zone.origin] = zone
 
     @classmethod
-    def from_files(cls, paths: Iterable[str | os.PathLike[str]]) -> Authority:
-        return cls([load_zone(path) for path in paths])
+    def from_files(
+        cls, paths: Iterable[str | os.PathLike[str]], extra: Iterable[dns.rrset.RRset] = ()
+    ) -> Authority:
+        """The zones in ``paths``; each ``extra`` RRset joins the innermost zone holding it."""
+        parsed = [(path, _parse(path)) for path in paths]
+        placed: list[list[dns.rrset.RRset]] = [[] for _ in parsed]
+        for rrset in extra:
+            homes = [
+                (len(zone.origin), index)
+                for index, (_, zone) in enumerate(parsed)
+                if zone.origin is not None and rrset.name.is_subdomain(zone.origin)
+            ]
+            if not homes:
+                raise ZoneError(f"{rrset.name}: in none of the zones served")
+            placed[max(homes)[1]].append(rrset)
+        return cls(
+            [_convert(path, zone, rrs) for (path, zone), rrs in zip(parsed, placed, strict=True)]
+        )
+
+    def ipv6_only_zones(self) -> frozenset[Name]:
+        """Child zones whose every name server has an IPv6 address and no IPv4 one.
+
+        test-ipv6.com's ``v6ns``: a name in such a zone resolves only through
+        a resolver that reaches DNS over IPv6. When we serve the parent too,
+        a query over IPv4 must get the parent's referral, as from a separate
+        IPv6-only server; answering it from the child would let an
+        IPv4-only resolver through. Only name servers whose addresses we
+        serve (glue or our own zones) are judged.
+        """
+        found = set()
+        for origin in self.zones:
+            parent = self.find_zone(origin[1:]) if origin else None
+            if parent is None or origin not in parent.cuts:
+                continue
+            targets = record_targets(parent.nodes[origin][TYPE_NS])
+            if targets and all(self._only_ipv6(target, parent) for target in targets):
+                found.add(origin)
+        return frozenset(found)
+
+    def _only_ipv6(self, target: Name, parent: Zone) -> bool:
+        kinds: set[int] = set()
+        for zone in (parent, self.find_zone(target)):
+            if zone is not None:
+                kinds.update(zone.nodes.get(target, {}))
+        return TYPE_AAAA in kinds and TYPE_A not in kinds
+
+    def without(self, origins: Iterable[Name]) -> Authority:
+        """The same zones less ``origins`` (sharing the loaded zones)."""
+        left_out = frozenset(origins)
+        return Authority([zone for zone in self.zones.values() if zone.origin not in left_out])
 
     def find_zone(self, name: Name) -> Zone | None:
         """The zone with the longest origin that contains ``name``."""
@@ -220,7 +284,7 @@ class Authority:
         for step in range(MAX_CNAME_CHAIN + 1):
             found = self._find(zone, name, qtype)
             if isinstance(found, _Referral):
-                glue = tuple(self._addresses(_targets(found.ns), zone, glue=True))
+                glue = tuple(self._addresses(record_targets(found.ns), zone, glue=True))
                 if step == 0:
                     return Answer(NOERROR, authoritative=False, authority=found.ns, additional=glue)
                 # A CNAME into a delegated zone: the CNAME, and the referral
@@ -260,7 +324,7 @@ class Authority:
                     wildcard_parent,
                 )
             answer.extend(_owned(chosen, name))
-            additional.extend(self._addresses(_targets(chosen), zone, glue=False))
+            additional.extend(self._addresses(record_targets(chosen), zone, glue=False))
             break
         return Answer(NOERROR, True, tuple(answer), (), tuple(additional), wildcard_parent)
 

@@ -3,6 +3,7 @@ a fake MTurk, and a guard that keeps every AWS call on loopback."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -17,7 +18,7 @@ from probe_server.config import Config
 from probe_server.mturk.fake import FakeMTurk, FakeServer
 from probe_server.server import ProbeServer
 
-from .rehearsal import Rehearsal, run_rehearsal
+from .rehearsal import KindRehearsal, Rehearsal, run_kind_rehearsal, run_rehearsal
 
 # Nothing listens on the discard port of loopback: an MTurk (or any AWS)
 # client that is not pointed at the fake fails here at once.
@@ -69,6 +70,17 @@ EXAMPLE_ZONES = [
     str(ROOT / "dns" / "example.org.zone"),
     str(ROOT / "dns" / "v6ns.example.org.zone"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def fresh_logging() -> Iterator[None]:
+    """Undo what a test's main() did to logging, so tests don't leak into each other."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in [h for h in root.handlers if type(h).__name__ == "_StderrHandler"]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture
@@ -149,5 +161,23 @@ async def rehearsal(
     await server.start()
     try:
         yield await run_rehearsal(tmp_path, server, fake_mturk)
+    finally:
+        await server.stop()
+
+
+@pytest.fixture(params=["speedtest", "tool"])
+async def kind_rehearsal(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    make_config: MakeConfig,
+    fake_mturk: FakeServer,
+) -> AsyncIterator[KindRehearsal]:
+    """A speed-test experiment, then a tool experiment, each with an English and a
+    translated batch, run against the fake MTurk (see tests/rehearsal.py)."""
+    config = make_config(mturk={"rehearsal_worker_sites": [fake_mturk.url]})
+    server = ProbeServer(config)
+    await server.start()
+    try:
+        yield await run_kind_rehearsal(tmp_path, server, fake_mturk, request.param)
     finally:
         await server.stop()

@@ -157,19 +157,37 @@ class _Page(HTMLParser):
         super().__init__()
         self.images: list[str] = []
         self.forms: list[dict[str, Any]] = []
+        self.lang = ""
+        self.heading = ""
+        self._in_h1 = False
         self.feed(text)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
         if tag == "img":
             self.images.append(a["src"])
+        elif tag == "html":
+            self.lang = a.get("lang", "")
+        elif tag == "h1":
+            self._in_h1 = True
         elif tag == "form":
-            self.forms.append({"action": a.get("action", ""), "fields": []})
+            self.forms.append({"action": a.get("action", ""), "fields": [], "inputs": []})
         elif tag == "input" and self.forms and a.get("type") == "hidden":
             self.forms[-1]["fields"].append((a["name"], a.get("value", "")))
+        elif tag == "input" and self.forms:
+            # What the worker fills in.
+            self.forms[-1]["inputs"].append(a["name"])
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "h1":
+            self._in_h1 = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_h1:
+            self.heading += data
 
 
-async def run_cli(rehearsal: Rehearsal, *args: str) -> tuple[int, str]:
+async def run_cli(rehearsal: Rehearsal | KindRehearsal, *args: str) -> tuple[int, str]:
     """``probe-server ARGS`` in a thread (it runs its own event loop), stdout captured."""
     argv = list(args)
     out = io.StringIO()
@@ -179,7 +197,7 @@ async def run_cli(rehearsal: Rehearsal, *args: str) -> tuple[int, str]:
     return status, out.getvalue()
 
 
-async def hits(rehearsal: Rehearsal, action: str, *extra: str) -> str:
+async def hits(rehearsal: Rehearsal | KindRehearsal, action: str, *extra: str) -> str:
     status, out = await run_cli(
         rehearsal,
         "hits",
@@ -301,4 +319,241 @@ async def run_rehearsal(
         rehearsal.refused[FRESH_WORKER] = body["unmet"]
         await hits(rehearsal, "expire")
         await hits(rehearsal, "sync")
+    return rehearsal
+
+
+# -- the other kinds: a speed-test experiment and a tool experiment ----------------------
+#
+# :func:`run_kind_rehearsal` runs one experiment of kind "speedtest" or "tool"
+# with an English batch and a translated one: workers preview (the page in
+# the batch's language), accept, fetch the hidden probes, report (one first
+# sends a bad report and is refused), hand on to the fake's externalSubmit;
+# one worker posts straight to externalSubmit, so the server never stored a
+# report for them. Then sync, review and expire through the CLI.
+
+KIND_EXPERIMENT = """\
+name = "{kind}-rehearsal"
+kind = "{kind}"
+title = "Measure your Internet connection"
+description = "Run a measurement and report its result."
+external_url = "{external_url}"
+assignment_duration = 1800
+database = "{database}"
+
+[[batches]]
+name = "{kind}-us"
+reward = "0.20"
+assignments = 4
+countries = ["US"]
+exclude_other_batches = true
+
+[[batches]]
+name = "{kind}-{language}"
+reward = "0.50"
+assignments = 3
+countries = ["{country}"]
+language = "{language}"
+title = "{title}"
+exclude_other_batches = true
+"""
+
+# The translated batch of each kind: its language, country and MTurk title.
+TRANSLATED = {
+    "speedtest": ("ja", "JP", "インターネットの速度を測ってください"),
+    "tool": ("tr", "TR", "Bir ölçüm programı çalıştırın"),
+}
+# The page's heading in each language, as its catalogue says.
+HEADINGS = {
+    ("speedtest", "en"): "Test your Internet speed",
+    ("speedtest", "ja"): "インターネットの速度を測ってください",
+    ("tool", "en"): "Run Spoofer and report its result",
+    ("tool", "tr"): "Spoofer programını çalıştırın ve sonucunu bildirin",
+}
+# What each default speed test measures at factor 1: (download, upload), Mbit/s.
+BASE_SPEEDS = {"ookla": (100.0, 10.0), "ndt": (60.0, 9.0), "cloudflare": (140.0, 11.0)}
+
+
+@dataclass(frozen=True)
+class KindScript:
+    """One simulated worker of a speedtest or tool batch."""
+
+    batch: str  # "us" or "translated"
+    hours: float
+    worker_id: str | None  # None: an anonymous preview
+    country: str
+    ipv6: bool = False
+    factor: float = 1.0  # scales BASE_SPEEDS: workers on faster or slower lines
+    retry: bool = False  # first sends an invalid report (refused), then a valid one
+    forged: bool = False  # posts straight to externalSubmit: nothing stored by us
+
+
+KIND_CROWD: tuple[KindScript, ...] = (
+    KindScript("translated", 0.1, None, "{country}"),
+    KindScript("us", 0.2, None, "US"),
+    KindScript("us", 0.5, "AKUS1", "US", ipv6=True),
+    KindScript("translated", 0.75, "AKJP1", "{country}", factor=2.0, retry=True),
+    KindScript("us", 1.0, "AKUS2", "US", factor=0.5),
+    KindScript("us", 2.0, "AKUS3", "US", forged=True),
+    KindScript("translated", 3.0, "AKJP2", "{country}", ipv6=True, factor=3.0),
+)
+
+
+@dataclass
+class KindWorker:
+    script: KindScript
+    batch: str
+    hit_id: str
+    assignment_id: str | None = None
+    session_token: str | None = None
+    page_lang: str = ""
+    heading: str = ""
+    inputs: list[str] = field(default_factory=list)
+    refused: list[tuple[int, str]] = field(default_factory=list)  # (status, page) of bad reports
+    reported: dict[str, str] = field(default_factory=dict)
+    blue_fetched: int = 0
+    submitted_at: float | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.submitted_at is not None
+
+    @property
+    def stored(self) -> bool:
+        """The server stored this worker's report (review approves exactly these)."""
+        return self.completed and not self.script.forged
+
+
+@dataclass
+class KindRehearsal:
+    kind: str
+    language: str
+    db_path: Path
+    experiment_path: Path
+    fake: FakeServer
+    server: ProbeServer
+    workers: list[KindWorker]
+    cli: list[tuple[list[str], int, str]] = field(default_factory=list)
+
+    def completed(self) -> list[KindWorker]:
+        return [w for w in self.workers if w.completed]
+
+
+def kind_report(kind: str, script: KindScript) -> dict[str, str]:
+    """The form a worker of this kind fills in, with this worker's results."""
+    if kind == "tool":
+        number = 1_000_000 + sum(map(ord, script.worker_id or ""))
+        return {"report": f"https://spoofer.caida.org/report.php?sessionid={number}"}
+    fields = {}
+    for test, (down, up) in BASE_SPEEDS.items():
+        fields[f"download-{test}"] = f"{down * script.factor:g}"
+        fields[f"upload-{test}"] = f"{up * script.factor:g}"
+    fields["share-ookla"] = f"https://www.speedtest.net/result/{int(1000 * script.factor)}"
+    return fields
+
+
+def bad_report(kind: str, good: dict[str, str]) -> dict[str, str]:
+    if kind == "tool":
+        return {"report": "I ran it, it said OK"}
+    return {**good, "download-ndt": "fast", "share-ookla": "https://evil.example/result"}
+
+
+async def simulate_kind(
+    rehearsal: KindRehearsal, http: aiohttp.ClientSession, script: KindScript, hit_id: str
+) -> KindWorker:
+    fake_url = rehearsal.fake.url
+    batch = (
+        f"{rehearsal.kind}-us" if script.batch == "us" else f"{rehearsal.kind}-{rehearsal.language}"
+    )
+    worker = KindWorker(script, batch, hit_id)
+    country = script.country.format(country=TRANSLATED[rehearsal.kind][1])
+    if script.worker_id is not None:
+        status, body = await _post_json(
+            http,
+            f"{fake_url}/_fake/accept",
+            {"hitId": hit_id, "workerId": script.worker_id, "country": country},
+        )
+        assert status == 200, body
+        worker.assignment_id = body["assignmentId"]
+    else:
+        status, body = await _post_json(http, f"{fake_url}/_fake/preview", {"hitId": hit_id})
+        assert status == 200, body
+    async with http.get(body["url"]) as response:
+        assert response.status == 200, await response.text()
+        page = _Page(await response.text())
+    worker.page_lang, worker.heading = page.lang, page.heading.strip()
+    ((form,),) = ([f for f in page.forms if f["action"] == "/submit"],)
+    worker.session_token = dict(form["fields"])["token"]
+    worker.inputs = list(form["inputs"])
+    red = [u for u in page.images if "/red/" in u]
+    blue = [u for u in page.images if "/blue/" in u]
+    assert len(red) == len(blue) == 1, page.images  # the hidden dual-stack probe
+    for url in red + (blue if script.ipv6 else []):
+        async with http.get(url) as response:
+            assert response.status == 200
+            worker.blue_fetched += "/blue/" in url
+    if script.worker_id is None:
+        return worker
+    worker.reported = kind_report(rehearsal.kind, script)
+    submit = f"{rehearsal.server.base_urls['ipv4']}/submit"
+    if script.forged:
+        # Straight to MTurk with made-up results: our server stores nothing.
+        fields = [("assignmentId", worker.assignment_id or ""), ("token", worker.session_token)]
+        async with http.post(
+            f"{fake_url}/mturk/externalSubmit", data=fields + list(worker.reported.items())
+        ) as response:
+            assert response.status == 200, await response.text()
+        worker.submitted_at = rehearsal.fake.fake.now()
+        return worker
+    if script.retry:
+        data = {"token": worker.session_token, **bad_report(rehearsal.kind, worker.reported)}
+        async with http.post(submit, data=data) as response:
+            worker.refused.append((response.status, await response.text()))
+    async with http.post(
+        submit, data={"token": worker.session_token, **worker.reported}
+    ) as response:
+        assert response.status == 200, await response.text()
+        handoff = _Page(await response.text())
+    (form,) = handoff.forms
+    assert form["action"] == f"{fake_url}/mturk/externalSubmit", form
+    async with http.post(form["action"], data=form["fields"]) as response:
+        assert response.status == 200, await response.text()
+    worker.submitted_at = rehearsal.fake.fake.now()
+    return worker
+
+
+async def run_kind_rehearsal(
+    tmp_path: Path,
+    server: ProbeServer,
+    fake: FakeServer,
+    kind: str,
+    crowd: Sequence[KindScript] = KIND_CROWD,
+) -> KindRehearsal:
+    """Publish a kind's experiment, simulate ``crowd``, sync, review, expire, sync."""
+    language, country, title = TRANSLATED[kind]
+    experiment_path = tmp_path / "experiment.toml"
+    db_path = tmp_path / "probe.db"
+    experiment_path.write_text(
+        KIND_EXPERIMENT.format(
+            kind=kind,
+            external_url=f"{server.base_urls['ipv4']}/",
+            database=db_path,
+            language=language,
+            country=country,
+            title=title,
+        )
+    )
+    rehearsal = KindRehearsal(kind, language, db_path, experiment_path, fake, server, [])
+    await hits(rehearsal, "publish")
+    hit_of = {}
+    for hit in fake.fake.hits.values():
+        assert hit.annotation is not None
+        hit_of[hit.annotation.split("/")[1]] = hit.hit_id
+    start = min(hit.created for hit in fake.fake.hits.values())
+    async with aiohttp.ClientSession() as http:
+        for script in sorted(crowd, key=lambda s: s.hours):
+            fake.fake.advance(max(0.0, start + script.hours * 3600 - fake.fake.now()))
+            batch = f"{kind}-us" if script.batch == "us" else f"{kind}-{language}"
+            rehearsal.workers.append(await simulate_kind(rehearsal, http, script, hit_of[batch]))
+    for action in ("sync", "review", "expire", "sync"):
+        await hits(rehearsal, action)
     return rehearsal

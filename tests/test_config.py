@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import get_args, get_origin
 
 import pytest
 from pydantic import BaseModel
@@ -24,8 +25,17 @@ def _model_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     keys = set()
     for name, field in model.model_fields.items():
         annotation = field.annotation
+        args = get_args(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             keys |= _model_keys(annotation, f"{prefix}{name}.")
+        elif (
+            get_origin(annotation) is tuple
+            and args
+            and isinstance(args[0], type)
+            and issubclass(args[0], BaseModel)
+        ):
+            # An array of tables, e.g. [[speedtest.tests]]: its keys.
+            keys |= _model_keys(args[0], f"{prefix}{name}.")
         elif name != "source":
             keys.add(f"{prefix}{name}")
     return keys
@@ -38,11 +48,14 @@ def test_every_key_is_in_the_example_with_a_comment():
     for line in EXAMPLE.read_text().splitlines():
         stripped = line.strip()
         if stripped.startswith("[") and stripped.endswith("]"):
-            section = stripped[1:-1] + "."
+            section = stripped.strip("[]") + "."
         elif re.match(r"#? ?[a-z_0-9]+ = ", stripped):
             documented.add(section + stripped.lstrip("# ").split(" =")[0])
             if not stripped.startswith("#"):
-                assert previous.startswith("#") or re.match(r"[a-z_0-9]+ = ", previous), line
+                # Keys of a repeated [[table]] are explained at its first one.
+                assert previous.startswith(("#", "[[")) or re.match(r"[a-z_0-9]+ = ", previous), (
+                    line
+                )
         previous = stripped
     assert documented == _model_keys(Config)
 

@@ -139,6 +139,34 @@ async def test_referral_to_the_ipv6_only_name_server(make_config):
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_ipv6_only_child_is_answered_only_over_ipv6(dns_server, transport):
+    """test-ipv6.com's v6ns: its names resolve only via a resolver with IPv6.
+
+    Both zones are served, but over IPv4 the child is left out: the reply is
+    the parent's referral to the IPv6-only name server, never the answer.
+    """
+    name = f"{TOKEN}.ds.v6ns.example.org"
+    over_ipv4 = await query(dns_server, name, "A", transport=transport, family="ipv4")
+    assert over_ipv4.rcode() == dns.rcode.NOERROR and over_ipv4.answer == []
+    assert not over_ipv4.flags & dns.flags.AA
+    assert section(over_ipv4, "authority") == [
+        ("v6ns.example.org.", "NS", 300, "ns.v6ns.example.org.")
+    ]
+    assert section(over_ipv4, "additional") == [
+        ("ns.v6ns.example.org.", "AAAA", 300, "2001:db8::53")
+    ]
+    over_ipv6 = await query(dns_server, name, "A", transport=transport, family="ipv6")
+    assert over_ipv6.flags & dns.flags.AA
+    assert section(over_ipv6, "answer") == [(f"{name}.", "A", 300, "192.0.2.10")]
+    # The parent's own names are answered on both.
+    for family in ("ipv4", "ipv6"):
+        reply = await query(dns_server, f"{TOKEN}.ds.example.org", "AAAA", family=family)
+        assert section(reply, "answer") == [
+            (f"{TOKEN}.ds.example.org.", "AAAA", 300, "2001:db8::10")
+        ]
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
 @pytest.mark.parametrize(
     "qname", ["SuRvEy.ExAmPlE.oRg", f"{TOKEN.upper()}.v6.Example.ORG", "NoPe.example.org"]
 )

@@ -132,7 +132,9 @@ def summary(reply: dns.message.Message) -> dict[str, object]:
 
 @pytest.mark.parametrize("use_edns", [False, 0])
 async def test_same_answers_as_knot(knot, ours, use_edns):
-    host, port = endpoint(ours, "udp", "ipv4")
+    # Our IPv6 sockets serve every zone, as Knot does; the IPv4 ones leave out
+    # the IPv6-only child (test_ipv4_sockets_refer_to_the_ipv6_only_child).
+    host, port = endpoint(ours, "udp", "ipv6")
     differences = []
     for qname, qtype in QUESTIONS:
         message = dns.message.make_query(qname, qtype, use_edns=use_edns, payload=1232)
@@ -141,4 +143,37 @@ async def test_same_answers_as_knot(knot, ours, use_edns):
         mine = await dns.asyncquery.udp(message, host, port=port, timeout=5)
         if summary(mine) != summary(theirs):
             differences.append((qname, qtype, summary(mine), summary(theirs)))
+    assert not differences, "\n".join(map(str, differences[:5]))
+
+
+@pytest.fixture
+async def knot_parent_only(knotd, tmp_path) -> AsyncIterator[KnotProcess]:
+    (tmp_path / "knot-parent").mkdir()
+    process = KnotProcess([Path(EXAMPLE_ZONES[0])], tmp_path / "knot-parent")
+    await process.start(knotd)
+    try:
+        yield process
+    finally:
+        await process.close()
+
+
+async def test_ipv4_sockets_refer_to_the_ipv6_only_child(knot_parent_only, ours):
+    """Over IPv4 we answer as a server of the parent zone alone: a referral.
+
+    The v6ns child's only name server has only an AAAA record, so a resolver
+    reaches it only over IPv6; answering its names on IPv4 would let an
+    IPv4-only resolver pass the test.
+    """
+    host, port = endpoint(ours, "udp", "ipv4")
+    differences = []
+    for qname in ("ds.v6ns.example.org", f"{TOKEN}.ds.v6ns.example.org", "v6ns.example.org"):
+        for qtype in ("A", "AAAA", "NS", "SOA"):
+            message = dns.message.make_query(qname, qtype, use_edns=0, payload=1232)
+            message.flags = 0
+            theirs = await dns.asyncquery.udp(
+                message, "127.0.0.1", port=knot_parent_only.port, timeout=5
+            )
+            mine = await dns.asyncquery.udp(message, host, port=port, timeout=5)
+            if summary(mine) != summary(theirs):
+                differences.append((qname, qtype, summary(mine), summary(theirs)))
     assert not differences, "\n".join(map(str, differences[:5]))

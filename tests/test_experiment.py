@@ -43,7 +43,8 @@ def write(tmp_path: Path, top: str = "", *batches: str) -> Path:
 
 def test_example_file_loads_and_documents_every_key():
     experiment = load_experiment(EXAMPLE)
-    assert [b.name for b in experiment.batches] == ["us-005", "in-005"]
+    assert [b.name for b in experiment.batches] == ["us-005", "in-005", "jp-026"]
+    assert experiment.batches[2].language == "ja" and experiment.kind == "balls"
     assert experiment.assignment_duration == timedelta(minutes=10)
     text = EXAMPLE.read_text()
     documented = set(re.findall(r"^#? ?([a-z_]+) = ", text, flags=re.MULTILINE))

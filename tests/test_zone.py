@@ -25,7 +25,7 @@ from probe_server.zone import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_ZONES = sorted((ROOT / "dns").glob("*.zone"))
+SHIPPED_ZONES = sorted((ROOT / "dns").glob("*.zone")) + sorted((ROOT / "deploy").glob("*.zone"))
 TEST_ZONES = sorted((Path(__file__).parent / "zones").glob("*.zone"))
 
 
@@ -333,3 +333,15 @@ def test_additional_addresses_for_ns_and_mx(example, authority):
 
 def test_names_are_case_insensitive(authority):
     assert records(ask(authority, "MIXED-case.EDGE.test", "A").answer)[0][3] == "192.0.2.7"
+
+
+def test_ipv6_only_zones(example):
+    # v6ns is delegated to ns.v6ns, which has an AAAA record and no A record.
+    assert example.ipv6_only_zones() == {(b"v6ns", b"example", b"org")}
+    parent_only = example.without(example.ipv6_only_zones())
+    assert list(parent_only.zones) == [(b"example", b"org")]
+    referral = parent_only.answer((b"ds", b"v6ns", b"example", b"org"), QTYPE.A)
+    assert not referral.authoritative and not referral.answer
+    # A zone served alone, or delegated to a name server with IPv4, is not.
+    edge = Authority.from_files([ROOT / "tests" / "zones" / "edge.test.zone"])
+    assert edge.ipv6_only_zones() == frozenset()

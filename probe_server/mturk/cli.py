@@ -24,6 +24,17 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_CONFIRMED = 0, 1, 2, 3
 DEFAULT_FAKE_LISTEN = "127.0.0.1:8765"
+TERMS_FLAG = "--software-terms-checked"
+# The paper's §3.2: MTurk removed a HIT that asked workers to download and
+# run a measurement tool, under its terms of the time; its terms have
+# changed since. Only the researcher can check what they say today.
+SOFTWARE_TERMS_WARNING = (
+    'WARNING: this experiment (kind = "tool") asks workers to download and run software.'
+    " MTurk's terms and policies restrict HITs that require software downloads (in 2013 they"
+    " forbade them, and MTurk removed such a HIT; later terms forbid only harmful software)."
+    " Check the current MTurk terms of service and acceptable use policy before publishing:"
+    " a HIT that breaks them may be removed and the account suspended."
+)
 
 
 def ask(question: str) -> bool:
@@ -150,6 +161,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
             f" database {_database(args, requester.experiment)}"
         )
         plan = await requester.plan(split=bool(args.split), batches=args.batch)
+        if requester.experiment.kind == "tool":
+            print(SOFTWARE_TERMS_WARNING, file=sys.stderr)
+            if target.live and not args.software_terms_checked and plan.new_hits:
+                print(
+                    f"Not published: a live HIT that asks workers to download software needs"
+                    f" {TERMS_FLAG}, to say that you have checked MTurk's current terms.",
+                    file=sys.stderr,
+                )
+                return EXIT_NOT_CONFIRMED
         print_plan(plan, target)
         if plan.new_hits == 0:
             print("Nothing to publish: every HIT of these batches is published already.")
@@ -366,6 +386,12 @@ def add_commands(commands: Any) -> None:
     publish.add_argument(
         "--yes", action="store_true", help="do not ask before a live publish (for scripts)"
     )
+    publish.add_argument(
+        TERMS_FLAG,
+        action="store_true",
+        help='kind = "tool" only: you have checked that MTurk\'s current terms allow HITs'
+        " that ask workers to download software (required for --live)",
+    )
     publish.set_defaults(func=cmd_publish, split=None)
 
     status = actions.add_parser(
@@ -380,7 +406,9 @@ def add_commands(commands: Any) -> None:
     sync.set_defaults(func=cmd_sync)
 
     review = actions.add_parser(
-        "review", parents=[experiment], help="approve right red counts, reject wrong ones"
+        "review",
+        parents=[experiment],
+        help="apply each kind's rule: right red counts, stored speed-test or tool reports",
     )
     review.add_argument("--approve-all", action="store_true", help="approve every submission")
     review.add_argument("--dry-run", action="store_true", help="print the decisions only")

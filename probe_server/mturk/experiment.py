@@ -15,11 +15,12 @@ from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..config import describe_error
+from ..i18n import SOURCE_LANGUAGE, languages
 
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # MTurk's CurrencyAmount is a decimal string; rewards are whole cents.
@@ -29,6 +30,11 @@ COUNTRY = re.compile(r"[A-Z]{2}")
 MAX_REQUIREMENTS = 10
 
 ActionsGuarded = Literal["Accept", "PreviewAndAccept", "DiscoverPreviewAndAccept"]
+# The paper's three experiments: count the balls (§3.3), report web speed
+# tests (§3.1), run a measurement tool (§3.2).
+Kind = Literal["balls", "speedtest", "tool"]
+# The ExternalURL's own parameters, which the survey page reads.
+SURVEY_PARAM, LANGUAGE_PARAM = "survey", "lang"
 
 
 class ExperimentError(Exception):
@@ -80,7 +86,15 @@ def _external_url(value: str) -> str:
     return value
 
 
+def _language(value: str) -> str:
+    shipped = languages()
+    if value not in shipped:
+        raise ValueError(f"{value!r} has no catalogue; shipped languages: {', '.join(shipped)}")
+    return value
+
+
 Name = Annotated[str, AfterValidator(_name)]
+Language = Annotated[str, AfterValidator(_language)]
 Reward = Annotated[str, AfterValidator(_reward)]
 Country = Annotated[str, AfterValidator(_country)]
 ExternalUrl = Annotated[str, AfterValidator(_external_url)]
@@ -106,6 +120,12 @@ class Batch(_Model):
     min_approved_hits: int | None = Field(default=None, ge=0)
     # Keep out workers who took part in any other batch of this experiment.
     exclude_other_batches: bool = False
+    # The survey page's language (a catalogue in probe_server/locale).
+    language: Language = SOURCE_LANGUAGE
+    # What workers see in MTurk's list for this batch, in its language
+    # (default: the experiment's title and description).
+    title: str | None = Field(default=None, min_length=1, max_length=128)
+    description: str | None = Field(default=None, min_length=1, max_length=2000)
 
     @property
     def reward_amount(self) -> Decimal:
@@ -114,6 +134,8 @@ class Batch(_Model):
 
 class Experiment(_Model):
     name: Name
+    # Which survey page the HITs show: "balls", "speedtest" or "tool".
+    kind: Kind = "balls"
     title: str = Field(min_length=1, max_length=128)
     description: str = Field(min_length=1, max_length=2000)
     keywords: tuple[str, ...] = ()
@@ -173,6 +195,33 @@ class Experiment(_Model):
         if batch.exclude_other_batches:
             sources.extend(f"exclude:{b.name}" for b in self.batches if b.name != batch.name)
         return sources
+
+    def survey_url(self, batch: Batch) -> str:
+        """The batch's ExternalURL: external_url with its kind and language.
+
+        Only what differs from the defaults (balls, English) is added, so a
+        ball-counting experiment in English keeps its URL as written.
+        """
+        extra: list[tuple[str, str]] = []
+        if self.kind != "balls":
+            extra.append((SURVEY_PARAM, self.kind))
+        if batch.language != SOURCE_LANGUAGE:
+            extra.append((LANGUAGE_PARAM, batch.language))
+        if not extra:
+            return self.external_url
+        parts = urlsplit(self.external_url)
+        query = [
+            (k, v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            if k not in (SURVEY_PARAM, LANGUAGE_PARAM)
+        ]
+        return urlunsplit(parts._replace(query=urlencode([*query, *extra])))
+
+    def title_of(self, batch: Batch) -> str:
+        return batch.title or self.title
+
+    def description_of(self, batch: Batch) -> str:
+        return batch.description or self.description
 
     def batch(self, name: str) -> Batch:
         for batch in self.batches:

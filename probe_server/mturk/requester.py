@@ -188,6 +188,10 @@ class SessionFacts:
     token: str
     assignment_id: str | None
     red_count: int
+    # The kind of page the session showed, and how many reports of that kind
+    # the server stored for it (it stores only valid ones).
+    survey: str = "balls"
+    reports: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,18 +214,62 @@ def _red(answers: dict[str, str]) -> int | None:
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 3 else None
 
 
+# What review says of each kind's reports, in its reasons and feedback.
+REPORTS = {"speedtest": "speed test results", "tool": "tool report"}
+THANKS = {
+    "speedtest": "Thank you for running the speed tests!",
+    "tool": "Thank you for running the tool!",
+}
+
+
+def _decide_reports(base: Decision, session: SessionFacts) -> Decision:
+    """The speedtest and tool rule: approve when the server stored the session's report.
+
+    The survey server stores a speedtest submission only when every test's
+    speeds (and share link, when given) are valid, and a tool report only
+    when it matches the configured pattern; so a stored report means every
+    field was valid when the worker sent it.
+    """
+    what = REPORTS[session.survey]
+    base = replace(base, session_token=session.token)
+    if session.reports > 0:
+        return replace(
+            base,
+            action="approve",
+            reason=f"{what} stored, every field valid",
+            feedback=THANKS[session.survey],
+        )
+    return replace(
+        base,
+        action="reject",
+        reason=f"no valid {what} reached the survey server",
+        feedback=(
+            f"Thank you for taking part. Your {what} did not reach our server through the"
+            " survey page, so we cannot approve this HIT. If you think this is a mistake,"
+            " please write to us through MTurk."
+        ),
+    )
+
+
 def decide(
     assignment_id: str,
     worker_id: str,
     batch: str,
     answers: dict[str, str],
     sessions: Sequence[SessionFacts],
+    kind: str | None = None,
 ) -> Decision:
-    """Approve when the red count reported to MTurk is what the page showed.
+    """Apply the review rule of the session's kind of page.
+
+    balls: approve when the red count reported to MTurk is what the page
+    showed. speedtest and tool: approve when the server stored a valid
+    report for the session (see :func:`_decide_reports`).
 
     ``sessions`` are the survey sessions that might be this assignment's: the
     one whose token came back in the answers, else those opened with its
-    assignmentId. Anything that cannot be matched is left for a person.
+    assignmentId. ``kind`` is the batch's kind: a session of another kind
+    (a worker who changed the URL) is left for a person, as is anything
+    that cannot be matched.
     """
     base = Decision(assignment_id, worker_id, batch, "skip", "")
     token = answers.get("token")
@@ -244,6 +292,14 @@ def decide(
                 reason=f"no session token in the answer and {len(own)} sessions for it",
             )
         session = own[0]
+    if kind is not None and session.survey != kind:
+        return replace(
+            base,
+            session_token=session.token,
+            reason=f"the batch shows the {kind} page but the session showed {session.survey}",
+        )
+    if session.survey in REPORTS:
+        return _decide_reports(base, session)
     reported = _red(answers)
     base = replace(base, session_token=session.token, red_expected=session.red_count)
     if reported is None:
@@ -352,6 +408,11 @@ class Requester:
                 f"batch {batch.name!r} was published with reward {row['reward']},"
                 f" countries {row['countries'] or 'any'!r} and {row['assignments']} assignments;"
                 " give a changed batch a new name"
+            )
+        if (row["kind"], row["language"]) != (self.experiment.kind, batch.language):
+            raise RequesterError(
+                f"batch {batch.name!r} was published as kind {row['kind']!r} in language"
+                f" {row['language']!r}; give a changed batch a new name"
             )
 
     def _batches(self, names: Sequence[str]) -> list[Batch]:
@@ -503,8 +564,8 @@ class Requester:
                 batch = planned.batch
                 await self.db.execute(
                     "INSERT INTO batches (name, experiment, reward, countries, assignments,"
-                    " sandbox, exclude_other_batches, min_approval_rate, hit_size)"
-                    " VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (name) DO NOTHING",
+                    " sandbox, exclude_other_batches, min_approval_rate, hit_size, kind,"
+                    " language) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (name) DO NOTHING",
                     (
                         batch.name,
                         self.experiment.name,
@@ -515,6 +576,8 @@ class Requester:
                         batch.exclude_other_batches,
                         batch.min_approval_rate,
                         max(planned.hit_sizes),
+                        self.experiment.kind,
+                        batch.language,
                     ),
                 )
                 requirements = self._requirements(planned, qualifications)
@@ -538,15 +601,15 @@ class Requester:
         created = True
         try:
             response = await self.client.create_hit(
-                Title=experiment.title,
-                Description=experiment.description,
+                Title=experiment.title_of(batch),
+                Description=experiment.description_of(batch),
                 Keywords=", ".join(experiment.keywords),
                 Reward=batch.reward,
                 MaxAssignments=size,
                 AssignmentDurationInSeconds=int(experiment.assignment_duration.total_seconds()),
                 LifetimeInSeconds=int(experiment.lifetime.total_seconds()),
                 AutoApprovalDelayInSeconds=int(experiment.auto_approval_delay.total_seconds()),
-                Question=external_question(experiment.external_url, experiment.frame_height),
+                Question=external_question(experiment.survey_url(batch), experiment.frame_height),
                 RequesterAnnotation=f"{experiment.name}/{batch.name}"[:255],
                 QualificationRequirements=requirements,
                 UniqueRequestToken=token,
@@ -739,8 +802,8 @@ class Requester:
         names = [b.name for b in self.experiment.batches]
         placeholders = ",".join("?" * len(names))
         rows = await self._rows(
-            "SELECT a.assignment_id, a.worker_id, a.answers, h.batch FROM assignments a"
-            " JOIN hits h ON h.hit_id = a.hit_id"
+            "SELECT a.assignment_id, a.worker_id, a.answers, h.batch, b.kind FROM assignments a"
+            " JOIN hits h ON h.hit_id = a.hit_id JOIN batches b ON b.name = h.batch"
             f" WHERE a.status = 'Submitted' AND h.sandbox = ? AND h.batch IN ({placeholders})"
             " ORDER BY a.submit_time, a.assignment_id",
             self.target.sandbox,
@@ -750,16 +813,25 @@ class Requester:
         for row in rows:
             answers = json.loads(row["answers"] or "{}")
             sessions = [
-                SessionFacts(s["token"], s["assignment_id"], s["red_count"])
+                SessionFacts(
+                    s["token"], s["assignment_id"], s["red_count"], s["survey"], s["reports"]
+                )
                 for s in await self._rows(
-                    "SELECT token, assignment_id, red_count FROM sessions"
-                    " WHERE token = ? OR assignment_id = ?",
+                    "SELECT s.token, s.assignment_id, s.red_count, s.survey,"
+                    " (SELECT count(*) FROM speedtest_reports r WHERE r.session_token = s.token)"
+                    " + (SELECT count(*) FROM tool_reports r WHERE r.session_token = s.token)"
+                    " AS reports FROM sessions s WHERE s.token = ? OR s.assignment_id = ?",
                     answers.get("token", ""),
                     row["assignment_id"],
                 )
             ]
             decision = decide(
-                row["assignment_id"], row["worker_id"], row["batch"], answers, sessions
+                row["assignment_id"],
+                row["worker_id"],
+                row["batch"],
+                answers,
+                sessions,
+                kind=row["kind"],
             )
             if approve_all and decision.action != "approve":
                 decision = replace(

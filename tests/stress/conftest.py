@@ -104,6 +104,8 @@ def server_config(workdir: Path, **sections: dict[str, Any]) -> Path:
         "server": {"secret_file": "probe.secret", "shutdown_timeout": 5},
         "sites": {"ipv4": {"listen": "127.0.0.1:0"}, "ipv6": {"listen": "[::1]:0"}},
         "database": {"path": "probe.db"},
+        # The admin listener (metrics, health) on loopback, for the health checks.
+        "admin": {"enabled": True, "listen": "127.0.0.1:0"},
         "dns": {
             "zones": EXAMPLE_ZONES,
             "listen_ipv4": "127.0.0.1:0",

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from probe_server.testing import ServerProcess, health_check, require_tool
@@ -71,6 +72,18 @@ async def blue_url(server: ServerProcess) -> str:
     return match.group(1).decode().replace("&amp;", "&")
 
 
+async def admin_get(server: ServerProcess, path: str) -> tuple[int, str]:
+    url = f"http://{server.endpoints['admin']}{path}"
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        return response.status, await response.text()
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^probe_server_{name} (\S+)$", text, re.MULTILINE)
+    assert match, name
+    return float(match.group(1))
+
+
 async def test_full_disk_keeps_serving_never_acknowledges_and_catches_up(
     tmpfs, processes, report: Report
 ):
@@ -109,6 +122,9 @@ async def test_full_disk_keeps_serving_never_acknowledges_and_catches_up(
             failing_since = loop.time()
     checks = [await health_check(server.endpoints) for _ in range(3)]
     memory = rss_mib(server.pid)
+    # The admin listener says so, and counts it.
+    health_during = await admin_get(server, "/healthz")
+    errors_counted = metric((await admin_get(server, "/metrics"))[1], "db_commit_errors_total")
 
     os.unlink(tmpfs / "filler")  # space returns
     recovered_after = 0.0
@@ -126,6 +142,10 @@ async def test_full_disk_keeps_serving_never_acknowledges_and_catches_up(
             await asyncio.sleep(0.2)  # the writer retries with backoff
     after = await closed_loop(endpoint, probe, connections=8, seconds=1.0, first=200_000)
     assert after.ok > 0
+    health_after = await admin_get(server, "/healthz")
+    assert health_during[0] == 503 and "commits are failing" in health_during[1]
+    assert health_after[0] == 200
+    assert errors_counted > 0
 
     server.kill(signal.SIGTERM)
     assert await server.wait() == 0
@@ -159,7 +179,9 @@ async def test_full_disk_keeps_serving_never_acknowledges_and_catches_up(
         f"{outage_seconds:.0f} s of failing commits, {filler >> 20} MiB filler,"
         f" {during.sent} probes while full",
         f"during: {during.describe()}; health checks answered {sum(ok for ok, _ in checks)}/3;"
-        f" RSS {memory:.0f} MiB; {errors} failed commits logged and counted; 200 again"
+        f" RSS {memory:.0f} MiB; {errors} failed commits logged and counted (admin"
+        f" /healthz 503 'commits are failing', {errors_counted:.0f} in /metrics"
+        " at the time); 200 again"
         f" {recovered_after:.1f} s after space returned; {stored_late} of the 503'd"
         " probes' rows stored once it did (held in the queue); integrity_check ok;"
         " restart on the same database ok",

@@ -257,11 +257,40 @@ def leaks(body: bytes, secret: bytes) -> bool:
     )
 
 
+ACME_TOKEN = "A" * 43
+ACME_PLANTED = "B" * 43  # a symlink to /etc/passwd planted in the webroot
+
+
+@pytest.fixture
+async def acme_server(make_config, tmp_path):
+    """A server with an ACME webroot holding one challenge and a planted symlink."""
+    challenges = tmp_path / "webroot" / ".well-known" / "acme-challenge"
+    challenges.mkdir(parents=True)
+    (challenges / ACME_TOKEN).write_text(f"{ACME_TOKEN}.thumbprint")
+    (challenges / ACME_PLANTED).symlink_to("/etc/passwd")
+    server = ProbeServer(make_config(sites={"acme_webroot": str(tmp_path / "webroot")}))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
 async def test_no_file_is_served_by_traversal_and_no_admin_path_is_public(
-    server: ProbeServer, report: Report
+    acme_server: ProbeServer, report: Report
 ):
+    server = acme_server
     assert server.app is not None
     secret = server.app[secret_key]
+    for site in ("ipv4", "ipv6"):  # the one file that is served, on both sites
+        connection = await RawHttp.open(server.base_urls[site].removeprefix("http://"))
+        try:
+            status, body = await connection.request(f"/.well-known/acme-challenge/{ACME_TOKEN}")
+            assert (status, body) == (200, f"{ACME_TOKEN}.thumbprint".encode())
+            status, body = await connection.request(f"/.well-known/acme-challenge/{ACME_PLANTED}")
+            assert status == 404 and b"root:" not in body
+        finally:
+            connection.close()
     statuses: dict[int, int] = {}
     for site in ("ipv4", "ipv6"):
         connection = await RawHttp.open(server.base_urls[site].removeprefix("http://"))
@@ -296,12 +325,13 @@ async def test_no_file_is_served_by_traversal_and_no_admin_path_is_public(
     report(
         "hostile: path traversal",
         f"{len(TRAVERSALS)} traversal forms (dot segments, %2e/%2f, double encoding,"
-        f" overlong UTF-8, backslashes, NUL) in {len(ROUTES)} route shapes, both sites,"
-        " raw request lines",
+        f" overlong UTF-8, backslashes, NUL) in {len(ROUTES)} route shapes (the ACME"
+        " webroot's among them, with a real webroot and a symlink to /etc/passwd planted"
+        " in it), both sites, raw request lines",
         f"{traversal_requests} requests",
         f"statuses {dict(sorted(statuses.items()))}; every 200 was a ball image; no file"
-        " content, secret, database or template ever in a body (nothing is served from"
-        " disk: images are drawn in memory)",
+        " content, secret, database or template ever in a body; the only file served is"
+        " the ACME challenge by its exact token; the planted symlink is not followed",
         "nothing",
     )
     report(

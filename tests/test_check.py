@@ -1,0 +1,440 @@
+"""``probe-server check``: each check's pass and fail paths, offline and with --public.
+
+The deployment under test lives on loopback: the zone probe.test (tests/
+zones/check) puts the name server and both sites on 127.0.0.1 and ::1. For
+--public, a second server plays the parent zone test. on 127.0.0.2 and a
+third one the recursive resolver; nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from probe_server.check import Checker, Options, Result, check_geoip_file, is_probe_server
+from probe_server.cli import main
+from probe_server.config import Config, load_config
+from probe_server.server import ProbeServer
+from probe_server.testing import ServerProcess, free_port, write_config
+
+from .certs import TestCA
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECK_ZONES = Path(__file__).parent / "zones" / "check"
+NAMES = ["survey.probe.test", "*.survey.probe.test", "v6.probe.test", "*.v6.probe.test"]
+
+
+def shared_port(hosts: tuple[str, ...] = ("127.0.0.1", "::1", "127.0.0.2")) -> int:
+    """A port free for UDP and TCP on every one of ``hosts``."""
+    for _ in range(50):
+        port = free_port(hosts[0])
+        try:
+            for host in hosts[1:]:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(family, kind) as sock:
+                        sock.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no shared free port")
+
+
+@dataclass
+class Deployment:
+    directory: Path
+    ca: TestCA
+    data: dict[str, Any]
+    dns_port: int
+
+    @property
+    def zone(self) -> Path:
+        return self.directory / "probe.test.zone"
+
+    def write(self) -> Path:
+        return write_config(self.directory / "probe.toml", self.data)
+
+    def edit_zone(self, old: str, new: str) -> None:
+        text = self.zone.read_text()
+        assert old in text
+        self.zone.write_text(text.replace(old, new))
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Deployment:
+    shutil.copy(CHECK_ZONES / "probe.test.zone", tmp_path)
+    (tmp_path / "acme").mkdir()
+    ca = TestCA(tmp_path)
+    cert, key = ca.issue("probe", NAMES)
+    dns_port = shared_port()
+    sites = {"acme_webroot": "acme"}
+    for name, host, base in (("ipv4", "127.0.0.1", "survey"), ("ipv6", "::1", "v6")):
+        where = f"[{host}]" if ":" in host else host
+        sites[name] = {
+            "listen": f"{where}:{free_port(host)}",
+            "base_url": f"https://{base}.probe.test",
+            "tls_cert": str(cert),
+            "tls_key": str(key),
+        }
+    data = {
+        "server": {"secret_file": "probe.secret"},
+        "sites": sites,
+        "database": {"path": "probe.db"},
+        "dns": {
+            "zones": ["probe.test.zone"],
+            "listen_ipv4": f"127.0.0.1:{dns_port}",
+            "listen_ipv6": f"[::1]:{dns_port}",
+        },
+        "admin": {"enabled": True, "listen": f"127.0.0.1:{free_port()}"},
+    }
+    return Deployment(tmp_path, ca, data, dns_port)
+
+
+def test_a_good_deployment_passes_every_check(deployment, capsys):
+    config = deployment.write()
+    assert main(["check", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"PASS config: {config.resolve()}"
+    assert lines[-1].startswith("probe-server check: all ")
+    by_what = {line.split(":")[0] for line in lines[:-1]}
+    assert {
+        "PASS config",
+        "PASS secret",
+        "PASS zones",
+        "PASS name ipv4",
+        "PASS name ipv6",
+        "PASS zone probe.test.",
+        "PASS tls ipv4",
+        "PASS tls ipv6",
+        "PASS acme webroot",
+        "PASS socket sites.ipv4.listen",
+        "PASS socket sites.ipv6.listen",
+        "PASS socket dns.listen_ipv4 udp",
+        "PASS socket dns.listen_ipv4 tcp",
+        "PASS socket dns.listen_ipv6 udp",
+        "PASS socket dns.listen_ipv6 tcp",
+        "PASS socket admin.listen",
+        "SKIP geoip",
+    } == by_what
+    text = "\n".join(lines)
+    assert "survey.probe.test: A 127.0.0.1 only" in text
+    assert "v6.probe.test: AAAA ::1 only" in text
+    assert "covers survey.probe.test" in text and "covers v6.probe.test" in text
+
+
+# Each breakage: (what to change, the check that must fail, words of its line).
+BREAKAGES = {
+    "survey name has AAAA": (
+        lambda d: d.edit_zone("survey           IN A     127.0.0.1",
+                              "survey           IN A     127.0.0.1\nsurvey IN AAAA ::1"),
+        "name ipv4",
+        "has AAAA ::1: an IPv4-only name must have no AAAA record",
+    ),
+    "probe name has A": (
+        lambda d: d.edit_zone("v6               IN AAAA  ::1", "v6 IN AAAA ::1\nv6 IN A 127.0.0.1"),
+        "name ipv6",
+        "has A 127.0.0.1: an IPv6-only name must have no A record",
+    ),
+    "per-session probe names have A": (
+        lambda d: d.edit_zone("*.v6             IN AAAA  ::1", "*.v6 IN A 127.0.0.1"),
+        "name ipv6",
+        "per-session names: has A 127.0.0.1",
+    ),
+    "survey name points elsewhere": (
+        lambda d: d.edit_zone("survey           IN A     127.0.0.1", "survey IN A 192.0.2.10"),
+        "name ipv4",
+        "192.0.2.10 is not sites.ipv4.listen (127.0.0.1)",
+    ),
+    "probe name missing": (
+        lambda d: d.edit_zone("v6               IN AAAA  ::1", ""),
+        "name ipv6",
+        "no AAAA record",
+    ),
+    "name server elsewhere": (
+        lambda d: d.edit_zone("ns1              IN A     127.0.0.1", "ns1 IN A 192.0.2.53"),
+        "zone probe.test.",
+        "ns1.probe.test.: 192.0.2.53 is not dns.listen_ipv4 (127.0.0.1)",
+    ),
+    "zone does not parse": (
+        lambda d: d.edit_zone("ns1              IN A     127.0.0.1", "ns1 IN A 127.0.0.300"),
+        "zones",
+        "probe.test.zone",
+    ),
+    "certificate expired": (
+        lambda d: d.ca.issue("probe", NAMES, starts=-100, days=-1),
+        "tls ipv4",
+        "expired on",
+    ),
+    "certificate about to expire": (
+        lambda d: d.ca.issue("probe", NAMES, starts=-85, days=5),
+        "tls ipv6",
+        "expires in 5 days (of 90): is renewal working?",
+    ),
+    "certificate self-signed": (
+        lambda d: d.ca.issue("probe", NAMES, self_signed=True),
+        "tls ipv4",
+        "self-signed (CN=survey.probe.test): browsers will refuse it",
+    ),
+    "certificate for other names": (
+        lambda d: d.ca.issue("probe", ["survey.probe.test", "www.probe.test"]),
+        "tls ipv6",
+        "does not cover v6.probe.test (names: survey.probe.test, www.probe.test)",
+    ),
+    "key of another certificate": (
+        lambda d: shutil.copy(d.ca.issue("other", NAMES)[1], d.directory / "probe.key"),
+        "tls ipv4",
+        "KEY_VALUES_MISMATCH",
+    ),
+    "key unreadable": (
+        lambda d: (d.directory / "probe.key").unlink(),
+        "tls ipv6",
+        "probe.key: no such file",
+    ),
+    "https without certificate": (
+        lambda d: [d.data["sites"]["ipv6"].pop(key) for key in ("tls_cert", "tls_key")],
+        "tls ipv6",
+        "base_url is https:// but no tls_cert is set",
+    ),
+    "secret readable by others": (
+        lambda d: (d.directory / "probe.secret").write_text("00" * 32)
+        or (d.directory / "probe.secret").chmod(0o644),
+        "secret",
+        "readable by others (chmod 600 it)",
+    ),
+    "acme webroot missing": (
+        lambda d: (d.directory / "acme").rmdir(),
+        "acme webroot",
+        "no such directory",
+    ),
+    "address not on this machine": (
+        lambda d: d.data["admin"].update(listen="127.0.0.1:1")
+        or d.data["dns"].update(listen_ipv4=f"192.0.2.53:{d.dns_port}"),
+        "socket dns.listen_ipv4 udp",
+        "this machine has no such address",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES, ids=list(BREAKAGES))
+def test_each_breakage_fails_its_check(deployment, capsys, breakage):
+    change, what, words = BREAKAGES[breakage]
+    change(deployment)
+    config = deployment.write()
+    assert main(["check", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith(f"FAIL {what}: ")]
+    assert lines, out
+    assert words in lines[0], out
+    assert out.splitlines()[-1].endswith("checks FAILED")
+
+
+def test_a_short_lived_certificate_is_judged_by_its_lifetime(deployment, capsys):
+    # A 6-day certificate (Let's Encrypt's short-lived profile) with 2 days left.
+    deployment.ca.issue("probe", NAMES, starts=-4, days=2)
+    assert main(["check", "--config", str(deployment.write())]) == 0
+    out = capsys.readouterr().out
+    assert "PASS tls ipv4" in out and "2 days left" in out
+
+
+def test_a_busy_port_names_the_process_holding_it(deployment, capsys):
+    config = deployment.write()
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as busy:
+        busy.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        busy.bind(("::1", deployment.dns_port))
+        assert main(["check", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if line.startswith("FAIL socket")]
+    assert line.startswith(f"FAIL socket dns.listen_ipv6 udp: [::1]:{deployment.dns_port} in use")
+    assert f"pid {os.getpid()}" in line
+
+
+def test_a_bad_config_is_one_fail_line(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text('[admin]\nlisten = "0.0.0.0:9180"\n')
+    assert main(["check", "--config", str(path)]) == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("FAIL config: ") and "admin.listen: must be a loopback" in line
+
+
+def test_geoip_files(tmp_path):
+    now = datetime.now(UTC)
+    good = tmp_path / "GeoLite2-Country.mmdb"
+    good.write_bytes(b"\x00" * 4096 + b"\xab\xcd\xefMaxMind.com" + b"\x00" * 64)
+    status, detail = check_geoip_file(good, now)
+    assert status == "PASS" and "updated 0 days ago" in detail
+    bad = tmp_path / "not.mmdb"
+    bad.write_bytes(b"<html>login required</html>")
+    assert check_geoip_file(bad, now) == (
+        "FAIL",
+        f"{bad}: not a MaxMind database (no metadata marker)",
+    )
+    assert check_geoip_file(tmp_path / "nope.mmdb", now)[0] == "FAIL"
+
+
+def test_the_running_server_is_recognised():
+    assert is_probe_server(
+        [
+            "/opt/probe-server/venv/bin/python3",
+            "/opt/probe-server/venv/bin/probe-server",
+            "serve",
+            "--config",
+            "x",
+        ]
+    )
+    assert is_probe_server(["/usr/bin/python3", "-m", "probe_server", "serve"])
+    assert not is_probe_server(["/usr/bin/python3", "-m", "probe_server", "check"])
+    assert not is_probe_server(["/usr/sbin/named", "-u", "bind"])
+
+
+def test_the_shipped_production_example_is_consistent():
+    """deploy/probe-server.toml and its zones agree (files and sockets aside)."""
+    config = load_config(ROOT / "deploy" / "probe-server.toml")
+    results: list[Result] = []
+    checker = Checker(config, Options(), results.append)
+    checker.check_zones()
+    checker.check_names()
+    checker.check_name_servers()
+    assert [r.status for r in results] == ["PASS"] * len(results), [r.line() for r in results]
+    assert len(results) == 5  # zones, two names, two zones' name servers
+
+
+# -- --public -------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    resolver: str
+    server: ServerProcess
+    parent: ProbeServer
+    resolving: ProbeServer
+    # The zone files the parent and the resolver serve: the world's view.
+    parent_zone: Path
+    published_zone: Path
+
+
+def dns_only_config(tmp_path: Path, name: str, zones: list[Path], listen4: str) -> Config:
+    return Config.model_validate(
+        {
+            "server": {"secret_file": str(tmp_path / f"{name}.secret")},
+            "sites": {"ipv4": {"listen": "127.0.0.1:0"}, "ipv6": {"listen": "[::1]:0"}},
+            "database": {"path": str(tmp_path / f"{name}.db")},
+            "dns": {
+                "zones": [str(z) for z in zones],
+                "listen_ipv4": listen4,
+                "listen_ipv6": "[::1]:0",
+                "rrl": {"enabled": False},
+            },
+        }
+    )
+
+
+@pytest.fixture
+async def world(deployment: Deployment, tmp_path: Path) -> AsyncIterator[World]:
+    """Our server (a real process), the parent zone's server and a resolver."""
+    parent_zone = tmp_path / "test.zone"
+    shutil.copy(CHECK_ZONES / "test.zone", parent_zone)
+    published_zone = tmp_path / "published" / "probe.test.zone"
+    published_zone.parent.mkdir()
+    shutil.copy(deployment.zone, published_zone)
+    ours = ServerProcess(deployment.write(), tmp_path)
+    parent = ProbeServer(
+        dns_only_config(tmp_path, "parent", [parent_zone], f"127.0.0.2:{deployment.dns_port}")
+    )
+    # The resolver's view: both zones, as a recursive resolver would learn them.
+    resolving = ProbeServer(
+        dns_only_config(tmp_path, "resolver", [parent_zone, published_zone], "127.0.0.1:0")
+    )
+    await ours.start()
+    await parent.start()
+    await resolving.start()
+    try:
+        assert resolving.listeners is not None
+        host, port = resolving.listeners.dns["udp_ipv4"].getsockname()[:2]
+        yield World(f"{host}:{port}", ours, parent, resolving, parent_zone, published_zone)
+    finally:
+        await resolving.stop()
+        await parent.stop()
+        ours.kill(signal.SIGTERM)
+        await ours.wait()
+        await ours.close()
+
+
+async def check_public(
+    deployment: Deployment, resolver: str, capsys: pytest.CaptureFixture[str], timeout: float = 5
+) -> tuple[int, str]:
+    argv = [
+        "check",
+        "--config",
+        str(deployment.directory / "probe.toml"),
+        "--public",
+        "--resolver",
+        resolver,
+        "--authoritative-port",
+        str(deployment.dns_port),
+        "--timeout",
+        str(timeout),
+    ]
+    # Our DNS servers run on this event loop: the (blocking) check runs in a thread.
+    code = await asyncio.to_thread(main, argv)
+    return code, capsys.readouterr().out
+
+
+async def test_public_dns_as_the_experiment_needs_it(deployment, world, capsys):
+    code, text = await check_public(deployment, world.resolver, capsys)
+    assert code == 0, text
+    assert "PASS public ipv4: survey.probe.test: A 127.0.0.1, no AAAA (NODATA)" in text
+    assert "PASS public ipv6: v6.probe.test: AAAA ::1, no A (NODATA)" in text
+    assert "PASS public ns probe.test.: NS ns1.probe.test. via the resolver" in text
+    assert (
+        "PASS delegation probe.test.: test. refers to ns1.probe.test."
+        " (glue: ns1.probe.test. 127.0.0.1 ::1)" in text
+    )
+    assert "PASS server ns1.probe.test. 127.0.0.1: answers for probe.test. (serial 2024" in text
+    assert "PASS server ns1.probe.test. ::1: answers for probe.test. (serial 2024" in text
+    # The running server holds its own sockets: that is no failure.
+    assert "PASS socket dns.listen_ipv4 udp" in text
+    assert "held by the running probe-server" in text
+
+
+async def test_public_dns_differing_from_our_files_fails(deployment, world, capsys):
+    """Our files are right; what resolvers and the parent say is not."""
+    world.parent_zone.write_text(
+        world.parent_zone.read_text().replace("IN A     127.0.0.1", "IN A     127.0.0.9")
+    )
+    world.published_zone.write_text(
+        world.published_zone.read_text()
+        .replace("survey           IN A     127.0.0.1", "survey IN A 127.0.0.5\nsurvey IN AAAA ::1")
+        .replace("v6               IN AAAA  ::1", "v6 IN AAAA ::1\nv6 IN A 127.0.0.1")
+    )
+    assert (await world.parent.reload())["zones"]
+    assert (await world.resolving.reload())["zones"]
+    code, text = await check_public(deployment, world.resolver, capsys)
+    assert code == 1
+    fails = [line for line in text.splitlines() if line.startswith("FAIL")]
+    assert fails == [
+        "FAIL public ipv4: survey.probe.test: A 127.0.0.5, expected 127.0.0.1;"
+        " has AAAA ::1: an IPv4-only name must have none",
+        "FAIL public ipv6: v6.probe.test: has A 127.0.0.1: an IPv6-only name must have none",
+        "FAIL delegation probe.test.: glue for ns1.probe.test. at test. is 127.0.0.9, ::1;"
+        " our zone says 127.0.0.1, ::1",
+    ], text
+    assert "PASS name ipv4" in text  # offline, our own zone file is fine
+
+
+async def test_public_dns_without_a_resolver_fails(deployment, capsys):
+    deployment.write()
+    closed = free_port()
+    code, text = await check_public(deployment, f"127.0.0.1:{closed}", capsys, timeout=0.5)
+    assert code == 1
+    assert "FAIL public ipv4: survey.probe.test: no answer from the resolver" in text
+    assert "FAIL public ns probe.test.: resolver:" in text

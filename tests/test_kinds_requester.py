@@ -1,0 +1,150 @@
+"""The hits commands for each kind of experiment: ExternalURL, titles, terms, review rules."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from probe_server.mturk.experiment import ExperimentError, load_experiment
+from probe_server.mturk.requester import SessionFacts, decide
+
+from .test_requester import Terminal, cli, rows
+
+EXPERIMENT = """\
+name = "exp"
+kind = "{kind}"
+title = "Run three speed tests"
+description = "Run three web speed tests and report their results."
+external_url = "https://survey.example.org/?src=mturk"
+database = "probe.db"
+
+[[batches]]
+name = "us"
+reward = "0.20"
+assignments = 3
+countries = ["US"]
+
+[[batches]]
+name = "jp"
+reward = "0.50"
+assignments = 2
+countries = ["JP"]
+language = "ja"
+title = "インターネットの速度を測ってください"
+description = "三つのスピードテストを実行して、結果を報告してください。"
+"""
+
+
+def write(tmp_path: Path, kind: str = "speedtest", text: str = EXPERIMENT) -> Path:
+    path = tmp_path / "experiment.toml"
+    path.write_text(text.format(kind=kind))
+    return path
+
+
+def test_the_external_url_carries_kind_and_language(tmp_path):
+    experiment = load_experiment(write(tmp_path))
+    us, jp = experiment.batches
+    assert experiment.survey_url(us) == "https://survey.example.org/?src=mturk&survey=speedtest"
+    assert experiment.survey_url(jp) == (
+        "https://survey.example.org/?src=mturk&survey=speedtest&lang=ja"
+    )
+    assert experiment.title_of(jp) == "インターネットの速度を測ってください"
+    assert experiment.title_of(us) == "Run three speed tests"
+    # Balls in English: the URL exactly as written.
+    balls = load_experiment(write(tmp_path, "balls"))
+    assert balls.survey_url(balls.batches[0]) == "https://survey.example.org/?src=mturk"
+    assert balls.survey_url(balls.batches[1]) == "https://survey.example.org/?src=mturk&lang=ja"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('language = "ja"', 'language = "fr"'), "batches.1.language: 'fr' has no catalogue"),
+        (('kind = "speedtest"', 'kind = "quiz"'), "kind: Input should be"),
+    ],
+)
+def test_unknown_kind_or_language_is_refused(tmp_path, change, message):
+    path = write(tmp_path, text=EXPERIMENT.replace("{kind}", "speedtest").replace(*change))
+    with pytest.raises(ExperimentError, match=message.replace(".", r"\.")):
+        load_experiment(path)
+
+
+async def test_publish_builds_each_batch_url_and_title(tmp_path, fake_mturk):
+    path = write(tmp_path)
+    status, _, err = await cli("hits", "publish", str(path), "--endpoint-url", fake_mturk.url)
+    assert status == 0, err
+    assert "software" not in err
+    hits = {h.annotation: h for h in fake_mturk.fake.hits.values()}
+    assert hits["exp/us"].external_url == "https://survey.example.org/?src=mturk&survey=speedtest"
+    assert hits["exp/jp"].external_url.endswith("&survey=speedtest&lang=ja")
+    assert hits["exp/jp"].title == "インターネットの速度を測ってください"
+    assert hits["exp/us"].description == "Run three web speed tests and report their results."
+    assert rows(tmp_path, "SELECT name, kind, language FROM batches ORDER BY name") == [
+        ("jp", "speedtest", "ja"),
+        ("us", "speedtest", "en"),
+    ]
+    # A published batch keeps its kind and language.
+    path.write_text(path.read_text().replace('language = "ja"', 'language = "tr"'))
+    status, _, err = await cli("hits", "publish", str(path), "--endpoint-url", fake_mturk.url)
+    assert status == 1 and "published as kind 'speedtest' in language 'ja'" in err
+
+
+async def test_a_tool_experiment_warns_about_mturk_terms(tmp_path, fake_mturk):
+    path = write(tmp_path, "tool")
+    base = ("hits", "publish", str(path), "--endpoint-url", fake_mturk.url)
+    # Live: refused without the flag, even with --yes and a yes on a terminal.
+    status, _, err = await cli(*base, "--live", "--yes", stdin=Terminal("y\n"))
+    assert status == 3
+    assert "MTurk's terms and policies restrict HITs that require software downloads" in err
+    assert "--software-terms-checked" in err
+    assert not fake_mturk.fake.hits
+    # The sandbox: warned, published.
+    status, _, err = await cli(*base)
+    assert status == 0 and "Check the current MTurk terms" in err
+    assert {h.external_url for h in fake_mturk.fake.hits.values()} == {
+        "https://survey.example.org/?src=mturk&survey=tool",
+        "https://survey.example.org/?src=mturk&survey=tool&lang=ja",
+    }
+
+
+async def test_a_live_tool_experiment_with_the_flag(tmp_path, fake_mturk):
+    path = write(tmp_path, "tool")
+    status, _, err = await cli(
+        "hits",
+        "publish",
+        str(path),
+        "--live",
+        "--yes",
+        "--software-terms-checked",
+        "--endpoint-url",
+        fake_mturk.url,
+        stdin=io.StringIO(""),
+    )
+    assert status == 0, err
+    assert "software downloads" in err  # still warned
+    assert len(fake_mturk.fake.hits) == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "session", "action", "reason"),
+    [
+        ("speedtest", SessionFacts("t", "A1", 1, "speedtest", 3), "approve", "stored, every"),
+        ("speedtest", SessionFacts("t", "A1", 1, "speedtest", 0), "reject", "no valid speed"),
+        ("tool", SessionFacts("t", "A1", 1, "tool", 1), "approve", "tool report stored"),
+        ("tool", SessionFacts("t", "A1", 1, "tool", 0), "reject", "no valid tool report"),
+        # A worker who took the ball page for a speedtest HIT (edited the URL).
+        ("speedtest", SessionFacts("t", "A1", 1, "balls", 0), "skip", "showed balls"),
+        ("balls", SessionFacts("t", "A1", 1, "tool", 1), "skip", "showed tool"),
+        ("balls", SessionFacts("t", "A1", 1, "balls", 0), "approve", "red count 1 is right"),
+    ],
+)
+def test_review_rule_per_kind(kind, session, action, reason):
+    decision = decide("A1", "AW", "b", {"token": "t", "red": "1"}, [session], kind=kind)
+    assert decision.action == action
+    assert reason in decision.reason
+    if action != "skip":
+        assert decision.session_token == "t"
+        assert decision.feedback and decision.feedback.startswith("Thank you")
+        assert len(decision.feedback) <= 1024
