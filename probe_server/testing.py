@@ -307,8 +307,11 @@ class KnotProcess:
 HEALTH_PATH: str | None = "/healthz"
 
 
-async def health_check(endpoints: dict[str, str], deadline: float = 5.0) -> tuple[bool, str]:
-    """(answered in time, what was seen)."""
+async def health_check(
+    endpoints: dict[str, str], deadline: float = 5.0, page: bool = True
+) -> tuple[bool, str]:
+    """(answered in time, what was seen). ``page=False``: the admin listener
+    and DNS only, not the public web site (which may be shedding load)."""
     import aiohttp
     import dns.asyncquery
     import dns.exception
@@ -328,6 +331,8 @@ async def health_check(endpoints: dict[str, str], deadline: float = 5.0) -> tupl
             if not reply.answer:
                 return False, f"dns rcode {reply.rcode()} without an answer"
             seen.append("dns ok")
+            if not page:
+                return True, ", ".join(seen)
             # batch=health: the sessions health checks make are easy to leave out.
             async with http.get(f"http://{endpoints['http_ipv4']}/?batch=health") as response:
                 await response.read()

@@ -49,12 +49,14 @@ async def blue_path(server: ServerProcess) -> str:
     return match.group(1).decode().replace("&amp;", "&")
 
 
-async def watch(server: ServerProcess, done: asyncio.Event) -> tuple[list[bool], list[float]]:
+async def watch(
+    server: ServerProcess, done: asyncio.Event, page: bool = True
+) -> tuple[list[bool], list[float]]:
     """Health checks and memory every half second until ``done``."""
     checks: list[bool] = []
     memory: list[float] = []
     while not done.is_set():
-        checks.append((await health_check(server.endpoints, deadline=10.0))[0])
+        checks.append((await health_check(server.endpoints, deadline=5.0, page=page))[0])
         memory.append(rss_mib(server.pid))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), 0.5)
@@ -88,7 +90,9 @@ async def test_http_overload_sheds_load_and_loses_nothing(
     idle_memory = rss_mib(server.pid)
 
     done = asyncio.Event()
-    watcher = asyncio.create_task(watch(server, done))
+    # The public site is what is flooded: responsive means the admin
+    # listener's /healthz and DNS answer in time (the page may be a 503).
+    watcher = asyncio.create_task(watch(server, done, page=False))
     try:
         flood = await open_loop(
             endpoint,
@@ -146,7 +150,8 @@ async def test_http_overload_sheds_load_and_loses_nothing(
         f" peak connections {peak}, evicted {sum(int(s['evicted']) for s in http)},"
         f" refused {sum(int(s['refused']) for s in http)};"
         f" RSS {idle_memory:.0f} -> max {max(memory):.0f} MiB;"
-        f" health checks {sum(checks)}/{len(checks)}; 200 again {recovered:.1f} s after",
+        f" /healthz and DNS answered in time {sum(checks)}/{len(checks)};"
+        f" 200 again {recovered:.1f} s after",
         f"nothing: {len(acknowledged)} acknowledged, all stored",
     )
 
