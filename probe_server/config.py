@@ -140,6 +140,24 @@ class ServerConfig(_Model):
     watchdog: bool = True
 
 
+class HttpConfig(_Model):
+    """Limits on the web sites' connections (see probe_server/limits.py)."""
+
+    # Seconds a connection may take to deliver a complete request head,
+    # counted from its opening or from its previous response, however much
+    # of it has arrived; an idle keep-alive connection is closed after as long.
+    header_timeout: float = Field(default=15.0, gt=0, le=3600)
+    # Seconds to receive the body of the answer form.
+    body_timeout: float = Field(default=15.0, gt=0, le=3600)
+    # Seconds a response may wait for a client that has stopped reading it.
+    send_timeout: float = Field(default=30.0, gt=0, le=3600)
+    # Open connections per site; at the limit, the one idle longest is closed
+    # to make room, and a new one is refused (503) only if all are busy.
+    max_connections: int = Field(default=4096, ge=1, le=1_000_000)
+    # The same, per client: an IPv4 address or an IPv6 /64.
+    max_connections_per_client: int = Field(default=256, ge=1, le=1_000_000)
+
+
 class DatabaseConfig(_Model):
     path: Path = Path("probe.db")
     # "full": each group commit is fsynced (survives power loss);
@@ -306,6 +324,8 @@ class DnsConfig(_Model):
     edns_udp_size: int = Field(default=1232, ge=512, le=4096)
     tcp_idle_timeout: float = Field(default=10.0, gt=0, le=300)
     tcp_max_connections: int = Field(default=1000, ge=1, le=100_000)
+    # The same, per client (an IPv4 address or an IPv6 /64).
+    tcp_max_connections_per_client: int = Field(default=64, ge=1, le=100_000)
     # Packed replies kept per (name, type, EDNS); wildcard names share one.
     answer_cache: int = Field(default=10000, ge=16, le=10_000_000)
     # Master-file lines of _acme-challenge TXT records (ACME DNS-01), written
@@ -478,6 +498,7 @@ class BatteryConfig(_Model):
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     sites: SitesConfig = SitesConfig()
+    http: HttpConfig = HttpConfig()
     database: DatabaseConfig = DatabaseConfig()
     survey: SurveyConfig = SurveyConfig()
     speedtest: SpeedTestConfig = SpeedTestConfig()

@@ -26,6 +26,7 @@ from typing import Any, cast
 
 from .config import DnsConfig, RateLimitConfig
 from .dnswire import Outcome, Responder
+from .limits import ConnectionTable, client_key, unread_bytes
 from .store import Overloaded, Row, Writer
 from .survey import canonical_address
 
@@ -50,6 +51,8 @@ class DnsStats:
     slipped: int = 0
     errors: int = 0
     tcp_refused: int = 0
+    # Idle connections closed to make room for new ones (a full table).
+    tcp_evicted: int = 0
     tcp_timeouts: int = 0
     log_dropped: int = 0
     # Responses sent, by RCODE text ("NOERROR", "NXDOMAIN", ...).
@@ -138,6 +141,11 @@ class DnsServer:
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp_servers: list[asyncio.Server] = []
         self._connections: set[_TcpProtocol] = set()
+        # Limits on TCP connections, both families together: at the limit,
+        # the connection idle longest makes room (RFC 7766 §6.2.3).
+        self.tcp_table = ConnectionTable(
+            "dns_tcp", config.tcp_max_connections, config.tcp_max_connections_per_client
+        )
         self._addresses: dict[str, str] = {}
 
     async def start(self, writer: Writer, log_limit: int) -> None:
@@ -177,12 +185,14 @@ class DnsServer:
             stats = self.stats
             log.info(
                 "event=dns_stopped queries=%d rate_limited=%d slipped=%d errors=%d"
-                " tcp_refused=%d log_dropped=%d",
+                " tcp_refused=%d tcp_evicted=%d tcp_timeouts=%d log_dropped=%d",
                 stats.queries,
                 stats.rate_limited,
                 stats.slipped,
                 stats.errors,
                 stats.tcp_refused,
+                stats.tcp_evicted,
+                stats.tcp_timeouts,
                 stats.log_dropped,
             )
             self._writer = None
@@ -326,12 +336,15 @@ class _TcpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         server = self.server
-        if len(server._connections) >= server.config.tcp_max_connections:
+        peer = transport.get_extra_info("peername")
+        evicted = server.tcp_table.stats.evicted
+        if not server.tcp_table.admit(self, client_key(peer[0]) if peer else "?"):
             server.stats.tcp_refused += 1
             transport.abort()
             return
+        server.stats.tcp_evicted += server.tcp_table.stats.evicted - evicted
         self.transport = transport
-        self.peer = transport.get_extra_info("peername")
+        self.peer = peer
         self.family = transport.get_extra_info("socket").family
         server._connections.add(self)
         loop = asyncio.get_running_loop()
@@ -350,18 +363,36 @@ class _TcpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
             return
-        self.last_active = asyncio.get_running_loop().time()
         buffer = self.buffer
         buffer += data
+        answered = False
         while len(buffer) >= 2:
             length = buffer[0] << 8 | buffer[1]
             if len(buffer) < 2 + length:
                 break
             message = bytes(buffer[2 : 2 + length])
             del buffer[: 2 + length]
+            answered = True
             reply = self.server.handle(message, self.peer, self.family, TCP)
             if reply is not None and self.transport is not None:
                 self.transport.write(len(reply).to_bytes(2, "big") + reply)
+        # Only a complete message counts as activity: a client trickling a
+        # message a byte at a time is closed tcp_idle_timeout after its last
+        # complete one, as if it were silent.
+        if answered and self.transport is not None:
+            self.last_active = asyncio.get_running_loop().time()
+            self.server.tcp_table.idle(self)
+
+    def unread(self) -> bool:
+        return unread_bytes(self.transport) > 0
+
+    def evict(self) -> None:
+        """Close to make room for a new connection (the table is full)."""
+        if self.transport is not None:
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     # A client that does not read its replies stops being read from.
     def pause_writing(self) -> None:
@@ -377,6 +408,7 @@ class _TcpProtocol(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.server.tcp_table.release(self)
         self.server._connections.discard(self)
         if self.timer is not None:
             self.timer.cancel()

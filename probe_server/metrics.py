@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .dnsserver import DnsServer
+from .limits import ConnectionTable, malformed_requests
 from .store import Writer
 from .tls import SiteCertificate
 
@@ -37,6 +38,9 @@ class Sources(Protocol):
 
     @property
     def certificates(self) -> dict[str, SiteCertificate]: ...
+
+    @property
+    def connections(self) -> dict[str, ConnectionTable]: ...
 
 
 class Metrics:
@@ -110,6 +114,7 @@ class _ServerCollector(Collector):
         yield reloads
         yield from self._writer()
         yield from self._dns()
+        yield from self._connections()
         expiry = GaugeMetricFamily(
             f"{PREFIX}_tls_certificate_expiry_seconds",
             "When the certificate in service expires (Unix time), by site.",
@@ -118,6 +123,37 @@ class _ServerCollector(Collector):
         for site, certificate in sorted(self.sources.certificates.items()):
             expiry.add_metric([site], certificate.info.not_after.timestamp())
         yield expiry
+
+    def _connections(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """Each public web socket's connection table (probe_server/limits.py)."""
+        tables = self.sources.connections
+        families = {
+            "admitted": ("Connections admitted.", lambda t: t.stats.admitted),
+            "evicted": ("Idle connections closed to make room.", lambda t: t.stats.evicted),
+            "refused": ("Connections refused with a 503 (all busy).", lambda t: t.stats.refused),
+            "send_timeouts": (
+                "Connections aborted: the client stopped reading.",
+                lambda t: t.stats.send_timeouts,
+            ),
+        }
+        for name, (documentation, value) in families.items():
+            family = CounterMetricFamily(
+                f"{PREFIX}_http_connections_{name}", documentation, labels=["listener"]
+            )
+            for listener, table in sorted(tables.items()):
+                family.add_metric([listener], value(table))
+            yield family
+        open_now = GaugeMetricFamily(
+            f"{PREFIX}_http_connections_open", "Open connections.", labels=["listener"]
+        )
+        for listener, table in sorted(tables.items()):
+            open_now.add_metric([listener], len(table))
+        yield open_now
+        yield _counter(
+            "http_malformed_requests",
+            "Requests aiohttp could not parse (answered 400).",
+            malformed_requests.count,
+        )
 
     def _writer(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         writer = self.sources.writer
@@ -131,6 +167,11 @@ class _ServerCollector(Collector):
         )
         yield _counter(
             "db_rejected_rows", "Rows refused because the queue was full.", stats.rejected
+        )
+        yield _counter(
+            "db_bad_rows",
+            "Rows the database refused for what they hold (dropped, never acknowledged).",
+            stats.bad_rows,
         )
         yield GaugeMetricFamily(
             f"{PREFIX}_db_queue_rows", "Rows waiting for a commit.", value=writer.queued_rows
@@ -168,6 +209,9 @@ class _ServerCollector(Collector):
         )
         yield _counter("dns_tcp_refused", "TCP connections refused (limit).", stats.tcp_refused)
         yield _counter("dns_tcp_timeouts", "TCP connections closed idle.", stats.tcp_timeouts)
+        yield _counter(
+            "dns_tcp_evicted", "Idle TCP connections closed to make room.", stats.tcp_evicted
+        )
         yield _counter(
             "dns_log_dropped", "Query rows not logged (write queue busy).", stats.log_dropped
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -32,6 +33,7 @@ from .config import Config, parse_endpoint
 from .dnsserver import DnsServer
 from .dnswire import Responder
 from .keys import reload_hooks_key, writer_key
+from .limits import ConnectionTable, GuardedSite
 from .metrics import Metrics
 from .store import Writer
 from .tls import SiteCertificate, TlsError
@@ -99,12 +101,14 @@ def sd_notify(message: str) -> None:
         return
     if target.startswith("@"):
         target = "\0" + target[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
+    # Creating the socket can fail too (no file descriptor left): a failed
+    # notification is logged, never raised into start-up or shutdown.
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.connect(target)
             sock.sendall(message.encode())
-        except OSError as e:
-            log.warning("event=notify_failed error=%r", str(e))
+    except OSError as e:
+        log.warning("event=notify_failed error=%r", str(e))
 
 
 @dataclass
@@ -166,6 +170,50 @@ def bind_all(config: Config) -> Listeners:
         listeners.close()
         raise
     return listeners
+
+
+# File descriptors kept apart from the connection limits: listening sockets,
+# the database and its WAL and shm files, the reader, refusals in progress,
+# logs, notifications.
+FD_RESERVE = 256
+
+
+def web_sockets(config: Config) -> int:
+    """Public web sockets: each site's, and the plain-HTTP socket of a TLS site."""
+    return 2 + sum(site.http_listen is not None for site in (config.sites.ipv4, config.sites.ipv6))
+
+
+def file_limit_needed(config: Config) -> int:
+    """Open files the connection limits can use up, and the reserve."""
+    needed = web_sockets(config) * config.http.max_connections + FD_RESERVE
+    if config.dns.enabled:
+        needed += config.dns.tcp_max_connections
+    return needed
+
+
+def ensure_file_limit(config: Config) -> int:
+    """Raise the open-file limit to its hard limit; fail if that is too low.
+
+    Without this a flood of connections would use up the descriptors before
+    any connection limit is reached, and then accept() fails for everyone.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as e:
+            log.warning("event=file_limit_not_raised soft=%d hard=%d error=%r", soft, hard, str(e))
+    needed = file_limit_needed(config)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        dns = config.dns.tcp_max_connections if config.dns.enabled else 0
+        raise StartupError(
+            f"http.max_connections: {web_sockets(config)} x {config.http.max_connections}"
+            f" connections + dns.tcp_max_connections {dns} + {FD_RESERVE} need {needed}"
+            f" open files, but the limit is {soft}"
+            " (raise LimitNOFILE= or ulimit -n, or lower these limits)"
+        )
+    return int(soft)
 
 
 def load_authority(config: Config) -> Authority:
@@ -255,6 +303,8 @@ class ProbeServer:
         self._admin_runner: web.AppRunner | None = None
         self.app: web.Application | None = None
         self.dns: DnsServer | None = None
+        # Each web site's connections (tests; metrics).
+        self.connections: dict[str, ConnectionTable] = {}
         self.certificates: dict[str, SiteCertificate] = {}
         self.metrics = Metrics()
         self.metrics.attach(self)
@@ -291,6 +341,7 @@ class ProbeServer:
             for name in (IPV4, IPV6)
         }
         authority = load_authority(config) if config.dns.enabled else None
+        ensure_file_limit(config)
         listeners = bind_all(config)
         self.certificates = certificates
         base_urls = {
@@ -308,6 +359,10 @@ class ProbeServer:
             access_log=None,
             handle_signals=False,
             shutdown_timeout=config.server.shutdown_timeout,
+            # aiohttp closes a connection still waiting for a complete request
+            # head this long after it opened or after its previous response,
+            # however much has trickled in: the slowloris deadline.
+            keepalive_timeout=config.http.header_timeout,
         )
         try:
             await runner.setup()
@@ -317,10 +372,25 @@ class ProbeServer:
         self._runner = runner
         self.listeners = listeners
         try:
+            limits = config.http
             for name, sock in listeners.http.items():
-                await web.SockSite(runner, sock, ssl_context=contexts[name]).start()
-            for sock in listeners.plain.values():
-                await web.SockSite(runner, sock).start()
+                table = self.connections[name] = ConnectionTable(
+                    f"http_{name}", limits.max_connections, limits.max_connections_per_client
+                )
+                site = GuardedSite(
+                    runner,
+                    sock,
+                    table,
+                    send_timeout=limits.send_timeout,
+                    ssl_context=contexts[name],
+                )
+                await site.start()
+            # The plain-HTTP sockets of TLS sites (ACME, redirects) are public too.
+            for name, sock in listeners.plain.items():
+                table = self.connections[f"plain_{name}"] = ConnectionTable(
+                    f"plain_{name}", limits.max_connections, limits.max_connections_per_client
+                )
+                await GuardedSite(runner, sock, table, send_timeout=limits.send_timeout).start()
             if listeners.admin is not None:
                 admin = create_admin_app(config.admin, self.metrics, self.health)
                 self._admin_runner = web.AppRunner(admin, access_log=None, handle_signals=False)
@@ -342,6 +412,18 @@ class ProbeServer:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+            for name, table in self.connections.items():
+                stats = table.stats
+                log.info(
+                    "event=http_connections listener=%s admitted=%d peak=%d evicted=%d refused=%d"
+                    " send_timeouts=%d",
+                    name,
+                    stats.admitted,
+                    stats.peak,
+                    stats.evicted,
+                    stats.refused,
+                    stats.send_timeouts,
+                )
         if self.listeners is not None:
             self.listeners.close()
 

@@ -124,9 +124,27 @@ class WriterStats:
     rows: int = 0
     errors: int = 0
     rejected: int = 0
+    # Rows the database refused for what they hold (not for its own state):
+    # answered NotStored and dropped, so that they cannot block the queue.
+    bad_rows: int = 0
     dropped_at_close: int = 0
     last_error: str = ""
     commit_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+
+
+# Errors that come from the rows themselves (text that cannot be encoded, a
+# value out of range, a violated constraint): retrying cannot help. Any other
+# sqlite3.Error is about the database (disk full, read-only, locked) and the
+# rows are kept and retried.
+ROW_ERRORS: tuple[type[Exception], ...] = (
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+    ValueError,  # UnicodeEncodeError among them
+    OverflowError,
+    TypeError,
+)
 
 
 class _Item:
@@ -185,6 +203,7 @@ class Writer:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sqlite-writer")
+        self._task.add_done_callback(self._stopped)
         self._watchdog = asyncio.create_task(self._expire_late(), name="sqlite-writer-watchdog")
 
     def submit(self, rows: Sequence[Row]) -> asyncio.Future[None]:
@@ -270,6 +289,9 @@ class Writer:
             started = time.perf_counter()
             try:
                 rows = await self._commit(batch)
+            except ROW_ERRORS as e:
+                await self._isolate(batch, e)
+                continue
             except sqlite3.Error as e:
                 self.stats.errors += 1
                 if self.stats.last_error != str(e):
@@ -294,11 +316,61 @@ class Writer:
             self.stats.commits += 1
             self.stats.rows += rows
             for item in batch:
-                self._pending.popleft()
-                self._pending_rows -= len(item.rows)
-                self._expired = max(0, self._expired - 1)
-                if not item.future.done():
-                    item.future.set_result(None)
+                self._done(item)
+
+    def _done(self, item: _Item, error: Exception | None = None) -> None:
+        """``item`` (the head of the queue) is stored, or refused for good."""
+        popped = self._pending.popleft()
+        assert popped is item
+        self._pending_rows -= len(item.rows)
+        self._expired = max(0, self._expired - 1)
+        if item.future.done():
+            return
+        if error is None:
+            item.future.set_result(None)
+        else:
+            item.future.set_exception(NotStored(f"the database refused the row: {error}"))
+            item.future.exception()  # retrieved: nobody may be waiting any more
+
+    async def _isolate(self, batch: list[_Item], error: Exception) -> None:
+        """Commit ``batch`` item by item; drop only the items the database refuses.
+
+        One request's rows must not stop everyone's: before this, a single
+        User-Agent with a byte that is not UTF-8 stopped the writer for good.
+        """
+        log.error(
+            "event=row_refused error=%r (committing the batch of %d requests one by one)",
+            f"{type(error).__name__}: {error}",
+            len(batch),
+        )
+        for item in batch:
+            try:
+                rows = await self._commit([item])
+            except ROW_ERRORS as e:
+                self.stats.bad_rows += len(item.rows)
+                log.error(
+                    "event=row_dropped error=%r rows=%d statements=%s",
+                    f"{type(e).__name__}: {e}",
+                    len(item.rows),
+                    ",".join(sorted({sql.split("(")[0].strip() for sql, _ in item.rows})),
+                )
+                self._done(item, e)
+                continue
+            except sqlite3.Error:
+                return  # the database itself: the main loop retries what is left
+            self.stats.commits += 1
+            self.stats.rows += rows
+            self._done(item)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # Never silent: every probe would wait for commit_timeout, then 503.
+            log.critical(
+                "event=writer_died error=%r queued_rows=%d",
+                repr(task.exception()),
+                self._pending_rows,
+                exc_info=task.exception(),
+            )
 
     def _drop_all(self, error: str) -> None:
         dropped = self._pending_rows

@@ -297,3 +297,46 @@ class KnotProcess:
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
+
+
+# The health check of the stress tests: a normal client's DNS query and
+# survey page load, each answered within the deadline (a 503 with
+# Retry-After is an answer: the server is shedding load, as it should). When
+# the admin listener is enabled, its health endpoint must answer in time too
+# (200, or 503 while commits fail); set HEALTH_PATH = None to skip it.
+HEALTH_PATH: str | None = "/healthz"
+
+
+async def health_check(
+    endpoints: dict[str, str], deadline: float = 5.0, page: bool = True
+) -> tuple[bool, str]:
+    """(answered in time, what was seen). ``page=False``: the admin listener
+    and DNS only, not the public web site (which may be shedding load)."""
+    import aiohttp
+    import dns.asyncquery
+    import dns.exception
+    import dns.message
+
+    seen = []
+    try:
+        async with asyncio.timeout(deadline), aiohttp.ClientSession() as http:
+            if HEALTH_PATH is not None and "admin" in endpoints:
+                async with http.get(f"http://{endpoints['admin']}{HEALTH_PATH}") as response:
+                    seen.append(f"admin {response.status}")
+                    if response.status not in (200, 503):
+                        return False, ", ".join(seen)
+            host, _, port = endpoints["dns_udp_ipv4"].rpartition(":")
+            query = dns.message.make_query("survey.example.org", "A")
+            reply = await dns.asyncquery.udp(query, host, port=int(port), timeout=deadline)
+            if not reply.answer:
+                return False, f"dns rcode {reply.rcode()} without an answer"
+            seen.append("dns ok")
+            if not page:
+                return True, ", ".join(seen)
+            # batch=health: the sessions health checks make are easy to leave out.
+            async with http.get(f"http://{endpoints['http_ipv4']}/?batch=health") as response:
+                await response.read()
+                seen.append(f"page {response.status}")
+                return response.status in (200, 503), ", ".join(seen)
+    except (TimeoutError, OSError, aiohttp.ClientError, dns.exception.DNSException) as e:
+        return False, f"no answer: {e!r} after {', '.join(seen) or 'nothing'}"

@@ -64,15 +64,34 @@ def looks_like_token(token: str) -> bool:
     return len(token) == TOKEN_LENGTH and _ALPHABET.issuperset(token)
 
 
+def _create_whole(path: Path, data: bytes) -> None:
+    """Create ``path`` (mode 0600) holding ``data``, or nothing at all.
+
+    Written to a temporary file first and linked into place once complete:
+    a failed write (a full disk) must not leave an empty secret behind, which
+    would stop every later start. link() fails if the file has appeared
+    meanwhile, as O_EXCL would.
+    """
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def load_or_create_secret(path: Path) -> bytes:
     """Read the signing key, creating it (mode 0600) on first run."""
     try:
         text = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
         text = secrets.token_hex(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(text + "\n")
+        _create_whole(path, (text + "\n").encode("ascii"))
         return bytes.fromhex(text)
     try:
         secret = bytes.fromhex(text)

@@ -17,6 +17,7 @@ everything else to the HTTPS site.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import acme, battery, images, survey
 from .config import Config
@@ -48,6 +50,7 @@ from .keys import (
     worker_sites_key,
     writer_key,
 )
+from .limits import track_requests
 from .metrics import Metrics
 from .store import NotStored, Overloaded, Row, Writer, open_database, open_reader
 from .tokens import TokenVerifier, looks_like_token, new_token
@@ -144,6 +147,20 @@ def peer(request: web.Request) -> tuple[str, int]:
     if not peername:
         return "0.0.0.0", 0  # noqa: S104 - the connection went away; still logged
     return survey.canonical_address(peername[0]), int(peername[1])
+
+
+def storable(text: str) -> str:
+    """Client text as SQLite can take it: undecodable bytes become U+FFFD.
+
+    aiohttp keeps bytes that are not UTF-8 (a User-Agent with a byte 0xFF, as
+    scanners send) as lone surrogates, which sqlite3 refuses to encode.
+    """
+    if text.isascii():
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _no_store(response: web.StreamResponse) -> web.StreamResponse:
@@ -245,7 +262,7 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
                 time.time(),
                 address,
                 probe.port,
-                request.headers.get("User-Agent", "")[:MAX_LOGGED_AGENT],
+                storable(request.headers.get("User-Agent", "")[:MAX_LOGGED_AGENT]),
                 red,
                 blue,
                 visit.kind,
@@ -394,7 +411,14 @@ async def beacon(request: web.Request) -> web.StreamResponse:
     length = request.content_length
     if length is not None and length > battery.MAX_BEACON_BYTES:
         return _refuse_beacon(413, "beacon too large")
-    body = await request.content.read(battery.MAX_BEACON_BYTES + 1)
+    try:
+        # As the answer form: not for ever, and a client gone is logged.
+        async with asyncio.timeout(request.app[config_key].http.body_timeout):
+            body = await request.content.read(battery.MAX_BEACON_BYTES + 1)
+    except TimeoutError:
+        return _refuse_beacon(408, "beacon too slow")
+    except (ConnectionError, HttpProcessingError):
+        return _refuse_beacon(400, "beacon cut short")
     try:
         report = battery.parse_beacon(body)
     except battery.BadBeacon as e:
@@ -433,9 +457,18 @@ async def submit(request: web.Request) -> web.StreamResponse:
     probe.kind = "submit"
     languages = request.app[templates_key].languages
     try:
-        form = await request.post()
-    except (ValueError, UnicodeDecodeError):
+        # A client may send its body as slowly as it likes: not for ever.
+        async with asyncio.timeout(request.app[config_key].http.body_timeout):
+            form = await request.post()
+    except (ValueError, UnicodeDecodeError, HttpProcessingError, ConnectionError):
+        # HttpProcessingError: a malformed multipart part; ConnectionError:
+        # the client went away mid-body. Both were 500s with an ERROR
+        # traceback, and the request was not logged (found by fuzzing).
         return _bad_request(request, Message(N_("the form could not be read")), "en")
+    except TimeoutError:
+        late = _bad_request(request, Message(N_("the form could not be read")), "en")
+        late.set_status(408)
+        return late
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     # Until the session is found, errors use the language the form says.
     language = survey.page_language(fields.get("lang"), languages)
@@ -536,6 +569,31 @@ async def submit(request: web.Request) -> web.StreamResponse:
     )
 
 
+# -- every path ------------------------------------------------------------------
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPNotFound()
+
+
+async def expect(request: web.Request) -> None:
+    """The Expect header: 100-continue as aiohttp does it, anything else 417.
+
+    aiohttp's own handler echoes an unknown value into its 417, and a byte
+    that is not UTF-8 there makes it fail with a 500 (found by fuzzing).
+    """
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        try:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except ConnectionError:
+            return  # the client is gone: reading its body fails, and is logged
+        request.writer.output_size = 0
+        return
+    raise web.HTTPExpectationFailed(text="417: unknown Expect\n")
+
+
 # -- both sites ----------------------------------------------------------------
 
 
@@ -564,15 +622,15 @@ def _request_row(request: web.Request, site: str, probe: Probe, status: int, siz
             site,
             probe.addr,
             probe.port,
-            request.method[:16],
-            request.raw_path[:MAX_LOGGED_PATH],
+            storable(request.method[:16]),
+            storable(request.raw_path[:MAX_LOGGED_PATH]),
             probe.kind,
             probe.token,
             probe.token_ok,
             probe.ball,
             status,
             size,
-            request.headers.get("User-Agent", "")[:MAX_LOGGED_AGENT],
+            storable(request.headers.get("User-Agent", "")[:MAX_LOGGED_AGENT]),
         ),
     )
 
@@ -687,7 +745,12 @@ def create_app(
     ``dns``, when given, is started and stopped with the application, after
     the database writer it logs to.
     """
-    app = web.Application(middlewares=[record], client_max_size=config.server.max_body)
+    app = web.Application(
+        # track_requests first: a connection is busy (not evictable) for the
+        # whole of its request, the wait for its row included.
+        middlewares=[track_requests, record],
+        client_max_size=config.server.max_body,
+    )
     app[config_key] = config
     app[metrics_key] = metrics or Metrics()
     app[reload_hooks_key] = []
@@ -716,16 +779,21 @@ def create_app(
     if dns is not None:
         app[dns_key] = dns
         app.cleanup_ctx.append(_dns)
-    app.router.add_get("/", survey_page)
-    app.router.add_post("/submit", submit)
-    app.router.add_get(r"/red/{token}/{ball}.png", red_ball)
-    app.router.add_get(r"/blue/{token}/{ball}.png", blue_ball)
-    app.router.add_get(r"/ds/{token}.png", dual_stack_probe)
-    app.router.add_get(r"/v6ns/{token}.png", v6ns_probe)
-    app.router.add_get(r"/literal/{token}.png", literal_probe)
-    app.router.add_get(r"/mtu/{token}/large.png", large_probe)
-    app.router.add_get(r"/mtu/{token}/ok.png", large_probe_done)
-    app.router.add_get(battery.SCRIPT_PATH, battery_script)
-    app.router.add_post(battery.BEACON_PATH, beacon)
-    app.router.add_get("/.well-known/acme-challenge/{token}", acme_challenge)
+    app.router.add_get("/", survey_page, expect_handler=expect)
+    app.router.add_post("/submit", submit, expect_handler=expect)
+    app.router.add_get(r"/red/{token}/{ball}.png", red_ball, expect_handler=expect)
+    app.router.add_get(r"/blue/{token}/{ball}.png", blue_ball, expect_handler=expect)
+    app.router.add_get(r"/ds/{token}.png", dual_stack_probe, expect_handler=expect)
+    app.router.add_get(r"/v6ns/{token}.png", v6ns_probe, expect_handler=expect)
+    app.router.add_get(r"/literal/{token}.png", literal_probe, expect_handler=expect)
+    app.router.add_get(r"/mtu/{token}/large.png", large_probe, expect_handler=expect)
+    app.router.add_get(r"/mtu/{token}/ok.png", large_probe_done, expect_handler=expect)
+    app.router.add_get(battery.SCRIPT_PATH, battery_script, expect_handler=expect)
+    app.router.add_post(battery.BEACON_PATH, beacon, expect_handler=expect)
+    app.router.add_get("/.well-known/acme-challenge/{token}", acme_challenge, expect_handler=expect)
+    # Last: every other path, any method, is ours to answer 404 (routes added
+    # after this one are never reached). aiohttp's own 404 route would use
+    # its default Expect handler.
+    # [\s\S]: a decoded path may hold a newline, which "." does not match.
+    app.router.add_route("*", r"/{path:[\s\S]*}", not_found, expect_handler=expect)
     return app

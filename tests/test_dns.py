@@ -23,7 +23,7 @@ from probe_server.server import ProbeServer
 from probe_server.zone import Authority
 
 from .conftest import EXAMPLE_ZONES, MakeConfig
-from .dns_client import RawTcp, RawUdp, query, wire_query
+from .dns_client import RawTcp, RawUdp, endpoint, query, wire_query
 
 EDGE_ZONE = str(Path(__file__).parent / "zones" / "edge.test.zone")
 SOCKETS = [(t, f) for t in ("udp", "tcp") for f in ("ipv4", "ipv6")]
@@ -332,27 +332,76 @@ async def test_tcp_idle_connection_is_closed(make_config):
         await server.stop()
 
 
-async def test_tcp_connection_cap(make_config):
+@pytest.fixture
+def evict_at_once(monkeypatch):
+    """Connections may be evicted as soon as they are idle (not after a second)."""
+    from probe_server import limits
+
+    monkeypatch.setattr(limits, "EVICT_AFTER", 0.0)
+
+
+async def test_tcp_connection_cap_evicts_the_connection_idle_longest(make_config, evict_at_once):
     server = ProbeServer(make_config(dns={"tcp_max_connections": 2}))
     await server.start()
     try:
         first, second = await RawTcp.open(server), await RawTcp.open(server)
-        for tcp in (first, second):  # both are served
+        for tcp in (second, first):  # both are served; first is now the most recent
             assert dns.message.from_wire(await tcp.exchange(wire_query("survey.example.org")))
+        # A third connection makes room: the one idle longest (second) is closed.
         third = await RawTcp.open(server)
-        assert await third.closed_by_server()
-        await third.close()
-        await first.close()
-        # A slot is free again once a connection has gone.
+        assert dns.message.from_wire(await third.exchange(wire_query("v6.example.org", "AAAA")))
+        assert await second.closed_by_server()
+        assert dns.message.from_wire(await first.exchange(wire_query("survey.example.org")))
+        for tcp in (first, second, third):
+            await tcp.close()
         assert server.dns is not None
-        async with asyncio.timeout(5):
-            while len(server.dns._connections) > 1:
-                await asyncio.sleep(0)  # let the close be processed
-        fourth = await RawTcp.open(server)
-        assert dns.message.from_wire(await fourth.exchange(wire_query("v6.example.org", "AAAA")))
-        await fourth.close()
-        await second.close()
-        assert server.dns.stats.tcp_refused == 1
+        assert (server.dns.stats.tcp_evicted, server.dns.stats.tcp_refused) == (1, 0)
+    finally:
+        await server.stop()
+
+
+async def test_tcp_connections_per_client_make_room_among_their_own(make_config, evict_at_once):
+    server = ProbeServer(
+        make_config(dns={"tcp_max_connections": 100, "tcp_max_connections_per_client": 2})
+    )
+    await server.start()
+    try:
+        host, port = endpoint(server, "tcp", "ipv4")
+        mine = [await RawTcp.open(server) for _ in range(2)]
+        # Another client (127.0.0.2) is not affected by this one's limit.
+        other = RawTcp(*await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0)))
+        assert dns.message.from_wire(await other.exchange(wire_query("survey.example.org")))
+        extra = await RawTcp.open(server)
+        assert await mine[0].closed_by_server()
+        assert dns.message.from_wire(await extra.exchange(wire_query("survey.example.org")))
+        assert dns.message.from_wire(await other.exchange(wire_query("survey.example.org")))
+        for tcp in (*mine, other, extra):
+            await tcp.close()
+    finally:
+        await server.stop()
+
+
+async def test_tcp_query_trickled_byte_by_byte_is_idle(make_config):
+    server = ProbeServer(make_config(dns={"tcp_idle_timeout": 0.5}))
+    await server.start()
+    try:
+        tcp = await RawTcp.open(server)
+        message = wire_query("survey.example.org")
+        framed = len(message).to_bytes(2, "big") + message
+        closed = False
+        # One byte every 0.1 s: the message takes ~4 s to arrive, and the
+        # connection is closed tcp_idle_timeout after it opened, long before.
+        for byte in framed[:-1]:
+            try:
+                tcp.writer.write(bytes([byte]))
+                closed = await asyncio.wait_for(tcp.reader.read(1), 0.1) == b""
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                closed = True
+            break
+        assert closed, "the server kept a trickling connection open"
+        await tcp.close()
     finally:
         await server.stop()
 

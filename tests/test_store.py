@@ -104,3 +104,25 @@ def test_newer_database_is_refused(tmp_path):
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(SchemaError, match="newer than this probe-server"):
         open_sync(tmp_path / "p.db")
+
+
+async def test_a_row_the_database_refuses_is_dropped_alone(tmp_path):
+    # Text sqlite3 cannot encode (a lone surrogate) once stopped the writer
+    # for good; now only that request's rows are refused.
+    conn = await open_database(tmp_path / "p.db")
+    writer = Writer(conn)
+    writer.start()
+    bad = (INSERT, ("s-bad\udcff", 0.0, "192.0.2.1", 1, 1, 1))
+    results = await asyncio.gather(
+        writer.write([row(1)]), writer.write([bad]), writer.write([row(2)]),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], NotStored)
+    assert writer.stats.bad_rows == 1 and writer.queued_rows == 0
+    await writer.write([row(3)])  # the writer goes on
+    await writer.close()
+    await conn.close()
+    with sqlite3.connect(tmp_path / "p.db") as check:
+        tokens = [t for (t,) in check.execute("SELECT session_token FROM answers ORDER BY id")]
+    assert tokens == ["s1", "s2", "s3"]

@@ -261,3 +261,94 @@ async def test_concurrent_fetches_share_commits(server, http, db):
     assert writer.stats.rows >= 302
     assert writer.stats.commits < writer.stats.rows / 3, writer.stats
     assert db("SELECT fetches FROM session_ipv6")[0][0] == 300
+
+
+async def raw_request(server: ProbeServer, raw: bytes) -> bytes:
+    host, port = server.listeners.http["ipv4"].getsockname()[:2]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(raw)
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_user_agent_that_is_not_utf8_is_stored_and_stops_nothing(server, http, db):
+    # Found by fuzzing: the first such request stopped the database writer
+    # for good (sqlite3 cannot encode aiohttp's surrogates), and every probe
+    # after it was answered 503.
+    answer = await raw_request(
+        server,
+        b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: scan\xff\xfe\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    await load_survey(http, server)  # and the next one too
+    agents = {r[0] for r in db("SELECT user_agent FROM requests")}
+    assert "scan\ufffd\ufffd" in agents
+    assert db("SELECT user_agent FROM sessions ORDER BY id")[0][0] == "scan\ufffd\ufffd"
+
+
+async def test_malformed_request_is_one_warning_line_not_a_traceback(server, caplog):
+    answer = await raw_request(server, b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 400 ")
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert records and all(r.levelname == "WARNING" and not r.exc_info for r in records)
+    assert "event=malformed_request" in records[0].getMessage()
+
+
+@pytest.mark.parametrize("path", ["/", "/red/x/1.png", "/no-such-path", "/a%0Ab"])
+async def test_unknown_expect_with_a_byte_that_is_not_utf8_is_417_not_500(server, path):
+    # Found by fuzzing: aiohttp's own Expect handler echoes the value and
+    # fails to encode it, answering 500.
+    answer = await raw_request(
+        server,
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: ".encode()
+        + b"\x8c\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 417 "), answer[:40]
+
+
+async def test_expect_100_continue_still_works_for_the_answer_form(server, http):
+    page = await load_survey(http, server)
+    body = f"token={page.token}&red={len(page.red)}&blue=1".encode()
+    answer = await raw_request(
+        server,
+        b"POST /submit HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), answer[:60]
+
+
+async def test_malformed_multipart_form_is_400_not_500(server):
+    # Found by fuzzing: a bad part header raised aiohttp's BadHttpMessage
+    # out of request.post(), answered 500.
+    body = b"--zz\r\nContent-Disposition: form-data; name=\rred\r\n\r\n1\r\n--zz--\r\n"
+    answer = await raw_request(
+        server,
+        b"POST /submit HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: multipart/form-data; boundary=zz\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:40]
+
+
+async def test_client_gone_mid_body_is_logged_not_a_traceback(server, db, caplog):
+    host, port = server.listeners.http["ipv4"].getsockname()[:2]
+    _, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        b"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n\r\ntoken=abc"
+    )
+    await writer.drain()
+    async with asyncio.timeout(10):
+        while not server.connections["ipv4"]._all.count or server.connections["ipv4"]._all.idle:
+            await asyncio.sleep(0.01)  # until the request is being handled
+    writer.transport.abort()
+    async with asyncio.timeout(10):
+        while not db("SELECT count(*) FROM requests WHERE kind = 'submit'")[0][0]:
+            await asyncio.sleep(0.02)
+    assert db("SELECT status FROM requests WHERE kind = 'submit'")[0][0] == 400
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -1,0 +1,406 @@
+"""Hostile input: forged and replayed tokens, open redirects through
+turkSubmitTo, script injection in every reflected field, path traversal,
+administrative paths on the public sites, DNS amplification."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sqlite3
+
+import aiohttp
+import dns.message
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from probe_server.keys import secret_key
+from probe_server.server import ProbeServer
+from probe_server.survey import MTURK_WORKER_SITES, worker_site
+from probe_server.tokens import new_token
+
+from ..dns_client import RawUdp, wire_query
+from ..test_handoff import ACCEPTED, OPEN_REDIRECTS, handoff_of
+from ..test_web import load_survey
+from .conftest import Report, scale
+from .load import RawHttp, UdpFlood
+
+# -- tokens ------------------------------------------------------------------------
+
+
+async def fetch_from(url: str, source: str | None = None) -> int:
+    connector = aiohttp.TCPConnector(local_addr=(source, 0) if source else None)
+    async with aiohttp.ClientSession(connector=connector) as http, http.get(url) as response:
+        await response.read()
+        return response.status
+
+
+async def test_forged_and_replayed_tokens_are_flagged(server, http, db, tmp_path, report: Report):
+    page = await load_survey(http, server)
+    for url in page.red + page.blue:  # the page's own fetches: nothing to flag
+        assert await fetch_from(url) == 200
+    assert db("SELECT count(*) FROM replayed_probes")[0][0] == 0
+
+    forged = new_token(b"someone else's key, not the server's")
+    assert await fetch_from(page.blue[0].replace(page.token, forged)) == 200
+    # Replays of the genuine token: the same ball again, a ball never shown,
+    # a red ball from another IPv4 address than the page's.
+    assert await fetch_from(page.blue[0]) == 200
+    assert await fetch_from(re.sub(r"/\d+\.png", "/9.png", page.blue[0])) == 200
+    assert await fetch_from(page.red[0], source="127.0.0.2") == 200
+    # A page served two days ago whose ball comes now.
+    old = await load_survey(http, server)
+    with sqlite3.connect(tmp_path / "probe.db") as conn:
+        conn.execute("UPDATE sessions SET created = created - 172800 WHERE token = ?", (old.token,))
+        # A blue ball from a second IPv6 address (loopback has one: a row as
+        # the server would write it).
+        conn.execute(
+            "INSERT INTO requests (t, site, addr, port, method, path, kind, token, token_ok,"
+            " ball, status, bytes) SELECT t + 1, site, '2001:db8::77', port, method, path,"
+            " kind, token, 1, 2, status, bytes FROM requests"
+            " WHERE token = ? AND kind = 'blue' AND ball = 1",
+            (page.token,),
+        )
+    assert await fetch_from(old.blue[0]) == 200
+
+    assert db("SELECT token FROM unverified_requests")[0][0] == forged
+    flagged = {
+        (r["token"], r["kind"], r["ball"], r["reasons"])
+        for r in db("SELECT token, kind, ball, reasons FROM replayed_probes")
+    }
+    assert flagged == {
+        (page.token, "blue", 1, "repeat"),
+        (page.token, "blue", 9, "not-served"),
+        (page.token, "red", 1, "repeat other-ipv4"),
+        (page.token, "blue", 2, "repeat other-ipv6")
+        if len(page.blue) >= 2
+        else (page.token, "blue", 2, "not-served other-ipv6"),
+        (old.token, "blue", 1, "late"),
+    }
+    report(
+        "hostile: forged and replayed tokens",
+        "a token signed with another key; the page's own token replayed: a ball"
+        " again, a ball never shown, a red ball from another IPv4 address, a blue ball"
+        " from a second IPv6 address, a ball two days after its page",
+        "1 forged, 5 replays",
+        "forged: token_ok = 0, in unverified_requests, never correlated; every replay"
+        " in replayed_probes with its reason; the page's own fetches unflagged",
+        "nothing (replays are kept and flagged, not dropped)",
+    )
+
+
+# -- turkSubmitTo --------------------------------------------------------------------
+
+
+@settings(max_examples=scale(300, 5000), deadline=None)
+@given(value=st.one_of(st.text(max_size=80), st.sampled_from(OPEN_REDIRECTS)))
+def test_turk_submit_to_is_one_of_mturks_sites_or_nothing(value):
+    site = worker_site(value)
+    assert site is None or site in MTURK_WORKER_SITES
+    if site is not None:
+        assert value.rstrip("/").lower() == site
+
+
+async def test_open_redirects_never_reach_the_answer_page(server, http, report: Report):
+    refused = 0
+    for value in OPEN_REDIRECTS:
+        query = "?assignmentId=A1&hitId=H1&workerId=W1"
+        async with http.get(
+            f"{server.base_urls['ipv4']}/{query}", params={"turkSubmitTo": value}
+        ) as response:
+            refused += response.status == 400
+    # Each accepted site hands the answer to exactly its externalSubmit.
+    for site in MTURK_WORKER_SITES:
+        page = await load_survey(http, server, ACCEPTED + site)
+        form = {"token": page.token, "red": str(len(page.red)), "blue": "1"}
+        async with http.post(f"{server.base_urls['ipv4']}/submit", data=form) as response:
+            action, _ = handoff_of(await response.text())
+        assert action == f"{site}/mturk/externalSubmit"
+    assert refused == len(OPEN_REDIRECTS)
+    report(
+        "hostile: turkSubmitTo open redirect",
+        "turkSubmitTo values naming other sites (look-alike hosts, userinfo, ports,"
+        " paths, schemes, encodings); a property test of the allowlist",
+        f"{len(OPEN_REDIRECTS)} crafted values live; {scale(300, 5000)} generated",
+        "every one refused with 400 before a session exists; the answer page posts only"
+        " to MTurk's externalSubmit of an allowed site",
+        "nothing",
+    )
+
+
+# -- injection ---------------------------------------------------------------------
+
+MARK = "xinj"
+PAYLOADS = [
+    f'"><{MARK}>',
+    f"'><{MARK} a=1>",
+    f"</script><{MARK}>",
+    f'" {MARK}="1',
+    f"' {MARK}='1",
+    f"javascript:{MARK}",
+    f"<svg/onload={MARK}>",
+    f"\u003c{MARK}\u003e",
+]
+
+
+def injected(text: str) -> bool:
+    """A payload came back as markup rather than as text."""
+    lowered = text.lower()
+    return (
+        f"<{MARK}" in lowered
+        or f'{MARK}="' in lowered
+        or f"{MARK}='" in lowered
+        or f"<svg/onload={MARK}" in lowered
+        or f'href="javascript:{MARK}' in lowered
+    )
+
+
+async def test_no_reflected_field_injects_markup(server, http, report: Report):
+    base = server.base_urls["ipv4"]
+    requests = 0
+    survey_fields = ["assignmentId", "hitId", "workerId", "turkSubmitTo", "batch", "extra"]
+    form_fields = ["token", "red", "blue", "assignmentId", "turkSubmitTo", "extra"]
+    headers = ["User-Agent", "Referer", "Cookie", "X-Forwarded-For", "Accept-Language"]
+    for payload in PAYLOADS:
+        for name in survey_fields:
+            params = {"assignmentId": "A1", "hitId": "H1", "turkSubmitTo": MTURK_WORKER_SITES[0]}
+            params[name] = payload
+            async with http.get(f"{base}/", params=params) as response:
+                assert not injected(await response.text()), (name, payload)
+                requests += 1
+        page = await load_survey(http, server, ACCEPTED + MTURK_WORKER_SITES[0])
+        for name in form_fields:
+            form = {"token": page.token, "red": "1", "blue": "1", name: payload}
+            async with http.post(f"{base}/submit", data=form) as response:
+                assert not injected(await response.text()), (name, payload)
+                requests += 1
+        for name in headers:
+            async with http.get(f"{base}/", headers={name: payload}) as response:
+                assert not injected(await response.text()), (name, payload)
+                requests += 1
+        for site in ("ipv4", "ipv6"):  # the path itself, on the error pages
+            connection = await RawHttp.open(server.base_urls[site].removeprefix("http://"))
+            try:
+                _, body = await connection.request("/" + payload.replace(" ", "%20"))
+            finally:
+                connection.close()
+            assert not injected(body.decode("utf-8", "replace")), payload
+            requests += 1
+    report(
+        "hostile: script injection",
+        f"{len(PAYLOADS)} payloads (tag, attribute and javascript: breakouts) in every"
+        " survey parameter, every answer-form field, reflected-looking headers and the path",
+        f"{requests} requests",
+        "no payload ever came back as markup (bad parameters are 400 pages with fixed"
+        " text; Jinja2 escapes the rest)",
+        "nothing",
+    )
+
+
+# -- files and admin paths ------------------------------------------------------------
+
+TRAVERSALS = [
+    "../../../../etc/passwd",
+    "..%2f..%2f..%2f..%2fetc%2fpasswd",
+    "%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "%2e%2e%2f%2e%2e%2fprobe.secret",
+    "..%252f..%252fetc%252fpasswd",
+    "....//....//etc/passwd",
+    "..\\..\\probe.secret",
+    "..%5c..%5cprobe.db",
+    "%c0%ae%c0%ae/%c0%ae%c0%ae/etc/passwd",
+    "probe.secret",
+    "probe.db",
+    "probe.toml",
+    "templates/survey.html",
+    "probe_server/web.py",
+    "etc/passwd%00.png",
+]
+ROUTES = [
+    "/{p}",
+    "//{p}",
+    "/red/{p}/1.png",
+    "/blue/{p}/1.png",
+    "/red/{p}",
+    "/blue/x/{p}.png",
+    "/submit/{p}",
+    "/static/{p}",
+    "/.well-known/acme-challenge/{p}",
+]
+ADMIN_PATHS = [
+    "/metrics",
+    "/healthz",
+    "/health",
+    "/admin",
+    "/admin/",
+    "/status",
+    "/server-status",
+    "/debug",
+    "/debug/pprof",
+    "/.env",
+    "/config",
+    "/probe.secret",
+    "/probe.db",
+    "/probe.db-wal",
+]
+
+
+def leaks(body: bytes, secret: bytes) -> bool:
+    return (
+        b"root:x:0:0" in body
+        or b"SQLite format 3" in body
+        or secret.hex().encode() in body
+        or b"{% extends" in body
+        or b"import " in body
+        or b"secret_file" in body
+    )
+
+
+ACME_TOKEN = "A" * 43
+ACME_PLANTED = "B" * 43  # a symlink to /etc/passwd planted in the webroot
+
+
+@pytest.fixture
+async def acme_server(make_config, tmp_path):
+    """A server with an ACME webroot holding one challenge and a planted symlink."""
+    challenges = tmp_path / "webroot" / ".well-known" / "acme-challenge"
+    challenges.mkdir(parents=True)
+    (challenges / ACME_TOKEN).write_text(f"{ACME_TOKEN}.thumbprint")
+    (challenges / ACME_PLANTED).symlink_to("/etc/passwd")
+    server = ProbeServer(make_config(sites={"acme_webroot": str(tmp_path / "webroot")}))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def test_no_file_is_served_by_traversal_and_no_admin_path_is_public(
+    acme_server: ProbeServer, report: Report
+):
+    server = acme_server
+    assert server.app is not None
+    secret = server.app[secret_key]
+    for site in ("ipv4", "ipv6"):  # the one file that is served, on both sites
+        connection = await RawHttp.open(server.base_urls[site].removeprefix("http://"))
+        try:
+            status, body = await connection.request(f"/.well-known/acme-challenge/{ACME_TOKEN}")
+            assert (status, body) == (200, f"{ACME_TOKEN}.thumbprint".encode())
+            status, body = await connection.request(f"/.well-known/acme-challenge/{ACME_PLANTED}")
+            assert status == 404 and b"root:" not in body
+        finally:
+            connection.close()
+    statuses: dict[int, int] = {}
+    for site in ("ipv4", "ipv6"):
+        connection = await RawHttp.open(server.base_urls[site].removeprefix("http://"))
+        try:
+            for route in ROUTES:
+                for payload in TRAVERSALS:
+                    if not connection.reusable:
+                        connection.close()
+                        connection = await RawHttp.open(
+                            server.base_urls[site].removeprefix("http://")
+                        )
+                    status, body = await connection.request(route.format(p=payload))
+                    statuses[status] = statuses.get(status, 0) + 1
+                    assert not leaks(body, secret), (site, route, payload)
+                    # Only the ball routes answer 200, with the ball itself.
+                    assert status in (200, 400, 404, 421), (site, route, payload, status)
+                    if status == 200:
+                        assert body[:8] == b"\x89PNG\r\n\x1a\n"
+            for path in ADMIN_PATHS:
+                for method in ("GET", "HEAD", "POST"):
+                    if not connection.reusable:
+                        connection.close()
+                        connection = await RawHttp.open(
+                            server.base_urls[site].removeprefix("http://")
+                        )
+                    status, body = await connection.request(path, method=method)
+                    assert status in (404, 405), (site, path, method, status)
+                    assert not leaks(body, secret)
+        finally:
+            connection.close()
+    traversal_requests = 2 * len(ROUTES) * len(TRAVERSALS)
+    report(
+        "hostile: path traversal",
+        f"{len(TRAVERSALS)} traversal forms (dot segments, %2e/%2f, double encoding,"
+        f" overlong UTF-8, backslashes, NUL) in {len(ROUTES)} route shapes (the ACME"
+        " webroot's among them, with a real webroot and a symlink to /etc/passwd planted"
+        " in it), both sites, raw request lines",
+        f"{traversal_requests} requests",
+        f"statuses {dict(sorted(statuses.items()))}; every 200 was a ball image; no file"
+        " content, secret, database or template ever in a body; the only file served is"
+        " the ACME challenge by its exact token; the planted symlink is not followed",
+        "nothing",
+    )
+    report(
+        "hostile: admin paths on public sites",
+        f"{len(ADMIN_PATHS)} administrative paths (metrics, health, status, debug, .env,"
+        " the secret and database file names) with GET, HEAD and POST on both sites",
+        f"{2 * 3 * len(ADMIN_PATHS)} requests",
+        "all 404 (405 for a method a route lacks); nothing administrative on the public sockets",
+        "nothing",
+    )
+
+
+# -- DNS amplification ------------------------------------------------------------------
+
+
+async def test_rate_limiting_caps_dns_amplification(make_config, db, report: Report):
+    rate, burst = 50.0, 100
+    config = make_config(
+        dns={"rrl": {"enabled": True, "responses_per_second": rate, "burst": burst, "slip": 2}}
+    )
+    server = ProbeServer(config)
+    await server.start()
+    seconds = scale(3.0, 10.0)
+    send_rate = scale(2000, 4000)
+    # The largest answer the zone gives: A and AAAA with EDNS and DNSSEC OK.
+    queries = [
+        wire_query("ds.example.org", "ANY", use_edns=0, payload=4096, want_dnssec=True),
+        wire_query("ds.example.org", "AAAA", use_edns=0, payload=4096, want_dnssec=True),
+    ]
+    try:
+        assert server.listeners is not None
+        host, port = server.listeners.dns["udp_ipv4"].getsockname()[:2]
+        flood = await UdpFlood.open(f"{host}:{port}")
+        sent, sent_bytes = await flood.send(lambda i: queries[i % 2], send_rate, seconds)
+        assert server.dns is not None
+        # Every query read, unless the kernel dropped some (a full socket buffer).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while server.dns.stats.queries < sent:
+                    await asyncio.sleep(0.01)
+        received = server.dns.stats.queries
+        # Another prefix (here the other family) is answered as ever.
+        probe = await RawUdp.open(server, "ipv6")
+        assert dns.message.from_wire(await probe.exchange(wire_query("survey.example.org")))
+        probe.close()
+        flood.close()
+        stats = server.dns.stats
+        full_replies = stats.replies - stats.slipped
+    finally:
+        await server.stop()
+    # Bytes sent back, from the query log (every reply's size is a row).
+    ((reply_bytes, logged),) = db(
+        "SELECT sum(size), count(*) FROM dns_queries WHERE family = 'ipv4'"
+    )
+    assert logged == received
+    factor = reply_bytes / sent_bytes
+    allowed = burst + rate * (seconds + 2)
+    assert full_replies <= allowed, (full_replies, allowed)
+    assert factor < 1.0
+    report(
+        "hostile: DNS amplification",
+        f"UDP queries for the largest answer (ANY/AAAA, EDNS 4096, DO) from one source at"
+        f" {send_rate}/s; RRL {rate:.0f}/s per /24, burst {burst}, slip 2",
+        f"{seconds:.0f} s, {sent} queries ({sent_bytes} bytes), {received} read",
+        f"{full_replies} full replies (limit allows {allowed:.0f}), {stats.slipped} truncated"
+        f" slips, {stats.rate_limited} dropped; {reply_bytes} bytes back:"
+        f" amplification {factor:.2f}x (below 1: the server sends less than it receives)",
+        "nothing (every query logged, limited ones with rrl = drop/slip)",
+    )
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")

@@ -1,0 +1,35 @@
+"""Session tokens and the signing key file."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from probe_server import tokens
+from probe_server.tokens import load_or_create_secret, new_token, verify_token
+
+
+def test_secret_is_created_once_and_kept(tmp_path):
+    path = tmp_path / "probe.secret"
+    secret = load_or_create_secret(path)
+    assert load_or_create_secret(path) == secret
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert verify_token(secret, new_token(secret))
+    assert [p.name for p in tmp_path.iterdir()] == ["probe.secret"]
+
+
+def test_a_failed_write_leaves_no_secret_behind(tmp_path, monkeypatch):
+    # A full disk at first start: the next start must not find an empty file.
+    path = tmp_path / "probe.secret"
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tokens.os, "write", full)
+    with pytest.raises(OSError, match="No space left"):
+        load_or_create_secret(path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert len(load_or_create_secret(path)) == 32
