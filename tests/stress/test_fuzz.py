@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import re
@@ -189,6 +190,16 @@ PATHS = [
     "/red/{s}",
     "//{s}",
     "/%2e%2e/{s}",
+    "/ds/{t}.png",
+    "/v6ns/{t}.png",
+    "/literal/{t}.png",
+    "/mtu/{t}/large.png",
+    "/mtu/{t}/ok.png",
+    "/ds/{s}.png",
+    "/mtu/{s}/large.png",
+    "/battery.js",
+    "/beacon",
+    "/.well-known/acme-challenge/{s}",
 ]
 EXTRA_HEADERS = [
     b"Content-Length: 99999\r\n",
@@ -343,6 +354,73 @@ def test_http_fuzz_structured(live_http, method, path, segment, query, form, ext
     assert live_http.process is not None and live_http.process.returncode is None
 
 
+json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["loaded", "failed", "timeout", "pending", "ipv6", "token", ""]),
+    text,
+)
+json_value = st.recursive(
+    json_leaf,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(
+            st.one_of(st.sampled_from(["token", "final", "probes"]), text), inner, max_size=4
+        ),
+    ),
+    max_leaves=12,
+)
+probe_report = st.fixed_dictionaries(
+    {"state": st.sampled_from(["loaded", "failed", "timeout", "pending", "gone", ""])},
+    optional={
+        name: st.one_of(st.floats(allow_nan=True, allow_infinity=True), json_leaf)
+        for name in ("at", "duration", "dns", "connect", "extra")
+    },
+)
+
+
+@settings(
+    max_examples=scale(300, 2000),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    phases=PHASES,
+)
+@given(
+    shape=st.sampled_from(["near", "json", "bytes"]),
+    token=st.one_of(st.just("{token}"), text),
+    final=json_leaf,
+    probes=st.dictionaries(
+        st.one_of(st.sampled_from(["ipv4", "ipv6", "ds", "literal", "mtu", "v6ns"]), text),
+        st.one_of(probe_report, json_value),
+        max_size=8,
+    ),
+    junk=json_value,
+    raw=st.binary(max_size=600),
+    content_type=st.sampled_from(["application/json", "text/plain", "", "multipart/form-data"]),
+)
+def test_beacon_fuzz(live_http, shape, token, final, probes, junk, raw, content_type):
+    """The battery's beacon: near-valid reports, any JSON, any bytes. Either
+    stored (204) or refused with a 4xx; never a 5xx."""
+    if shape == "near":
+        document = {"token": token.replace("{token}", Live.token), "final": final, "probes": probes}
+        body = json.dumps(document, allow_nan=True).encode()
+    elif shape == "json":
+        body = json.dumps(junk, allow_nan=True).encode()
+    else:
+        body = raw
+    head = f"Content-Type: {content_type}\r\n" if content_type else ""
+    request = (
+        f"POST /beacon HTTP/1.1\r\nHost: fuzz\r\n{head}Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
+    status, _ = blocking_request(live_http.endpoints["http_ipv4"], request)
+    Live.requests += 1
+    Live.statuses[status] = Live.statuses.get(status, 0) + 1
+    assert status in (204, 400, 413), (status, body[:300])
+
+
 HTTP_SEEDS = [
     b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     b"GET /?assignmentId=A1&hitId=H1&workerId=W1&turkSubmitTo=https%3A%2F%2Fwww.mturk.com"
@@ -355,6 +433,10 @@ HTTP_SEEDS = [
     b"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
     b"Content-Length: 60\r\n\r\n--zz\r\nContent-Disposition: form-data; name=red\r\n\r\n"
     b"1\r\n--zz--\r\n",
+    b"POST /beacon HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 104\r\n\r\n"
+    b'{"token":"{token}","final":true,"probes":{"ipv6":{"state":"loaded","at":12.5}}}',
+    b"GET /mtu/{token}/large.png HTTP/1.1\r\nHost: x\r\n\r\n",
 ]
 
 
@@ -433,7 +515,8 @@ def test_http_fuzz_raw_and_server_survives(live_http, report: Report):
     report(
         "fuzzing: HTTP",
         "hypothesis: method, path segment, query parameters (MTurk's, ours, random),"
-        " headers and body (form, raw bytes) on every route, both sites; then seeded"
+        " headers and body (form, raw bytes) on every route, both sites (the battery's"
+        " probes and beacon included; beacon bodies near-valid, any JSON, any bytes); then seeded"
         " mutations of valid requests (bytes, CR/LF, duplicate or negative Content-Length,"
         " chunked, multipart, 9 KB headers, pipelining, early EOF)",
         f"{Live.requests} structured + {count} raw requests",
