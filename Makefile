@@ -43,8 +43,12 @@ test: lint
 lab: $(STAMP)
 	PROBE_LAB_SCREENSHOTS=docs $(BIN)/pytest -m lab -v tests/test_lab.py
 
+# The whole benchmark suite beside its peers (nginx, Apache + mod_php, Knot),
+# a few minutes; as root it installs them from Debian's packages first. Writes
+# the generated part of docs/benchmarks.md. One part: make bench ONLY=http
+# (or dns, report).
 bench: $(STAMP)
-	$(BIN)/python bench/http_probe.py
+	$(BIN)/python -m bench.suite $(if $(ONLY),--only $(ONLY))
 
 # Needs dnsperf and knot (Debian packages); both servers on CPU 0, dnsperf on CPU 1.
 bench-dns: $(STAMP)
