@@ -156,6 +156,10 @@ class HttpConfig(_Model):
     max_connections: int = Field(default=4096, ge=1, le=1_000_000)
     # The same, per client: an IPv4 address or an IPv6 /64.
     max_connections_per_client: int = Field(default=256, ge=1, le=1_000_000)
+    # Answer ball fetches (a plain GET of a red or blue ball) without
+    # aiohttp's request machinery: the same row, the same response, about
+    # twice the rate (probe_server/fastpath.py). Off: aiohttp answers them.
+    fast_balls: bool = True
 
 
 class DatabaseConfig(_Model):

@@ -362,6 +362,11 @@ class GuardedConnection(asyncio.Protocol):
             transport.close()
 
 
+ConnectionFactory = Callable[
+    [ConnectionTable, Callable[[], asyncio.Protocol], float], GuardedConnection
+]
+
+
 class GuardedSite(web.BaseSite):
     """A listening socket whose connections pass through a :class:`ConnectionTable`."""
 
@@ -374,11 +379,14 @@ class GuardedSite(web.BaseSite):
         send_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
         backlog: int = 1024,
+        connection: ConnectionFactory | None = None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._sock = sock
         self.table = table
         self.send_timeout = send_timeout
+        # What each accepted connection becomes (the ball fast path's, say).
+        self.connection: ConnectionFactory = connection or GuardedConnection
         host, port = sock.getsockname()[:2]
         scheme = "https" if ssl_context else "http"
         self._name = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
@@ -394,7 +402,7 @@ class GuardedSite(web.BaseSite):
         loop = asyncio.get_running_loop()
 
         def protocol() -> GuardedConnection:
-            return GuardedConnection(self.table, server, self.send_timeout)
+            return self.connection(self.table, server, self.send_timeout)
 
         self._server = await loop.create_server(
             protocol, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog

@@ -32,13 +32,14 @@ from .admin import create_admin_app
 from .config import Config, parse_endpoint
 from .dnsserver import DnsServer
 from .dnswire import Responder
+from .fastpath import FastBalls
 from .keys import reload_hooks_key, writer_key
 from .limits import ConnectionTable, GuardedSite
 from .metrics import Metrics
 from .store import Writer
 from .tls import SiteCertificate, TlsError
 from .tokens import load_or_create_secret
-from .web import IPV4, IPV6, create_app
+from .web import INSERT_REQUEST, IPV4, IPV6, create_app
 from .zone import Authority, ZoneError
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,7 @@ class ProbeServer:
         self.dns: DnsServer | None = None
         # Each web site's connections (tests; metrics).
         self.connections: dict[str, ConnectionTable] = {}
+        self.fast: dict[str, FastBalls] = {}
         self.certificates: dict[str, SiteCertificate] = {}
         self.metrics = Metrics()
         self.metrics.attach(self)
@@ -354,6 +356,22 @@ class ProbeServer:
             self.dns = DnsServer(config.dns, responder, listeners.dns)
             self.dns.responder_v4 = responder_v4
         self.app = create_app(config, secret, base_urls, self.dns, self.metrics)
+        # The ball fast path of each site, except on the plain-HTTP sockets
+        # of TLS sites, which only redirect and serve ACME.
+        if config.http.fast_balls:
+            self.fast = {
+                name: FastBalls(self.app, name, INSERT_REQUEST, config.http.header_timeout)
+                for name in (IPV4, IPV6)
+            }
+            shutdown_timeout = config.server.shutdown_timeout
+
+            async def drain_fast_connections(app: web.Application) -> None:
+                # After the sites stop accepting, before aiohttp's own
+                # connections are drained and the writer flushed.
+                for fast in self.fast.values():
+                    await fast.drain(shutdown_timeout)
+
+            self.app.on_shutdown.append(drain_fast_connections)
         runner = web.AppRunner(
             self.app,
             access_log=None,
@@ -377,12 +395,14 @@ class ProbeServer:
                 table = self.connections[name] = ConnectionTable(
                     f"http_{name}", limits.max_connections, limits.max_connections_per_client
                 )
+                fast = self.fast.get(name)
                 site = GuardedSite(
                     runner,
                     sock,
                     table,
                     send_timeout=limits.send_timeout,
                     ssl_context=contexts[name],
+                    connection=fast.protocol if fast is not None else None,
                 )
                 await site.start()
             # The plain-HTTP sockets of TLS sites (ACME, redirects) are public too.
