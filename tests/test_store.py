@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -27,9 +29,30 @@ def row(i: int):
     return (INSERT, (f"s{i}", float(i), "192.0.2.1", 1, 1, 1))
 
 
-async def test_concurrent_writes_share_transactions(tmp_path):
+class PublicOnly:
+    """An aiosqlite connection seen through its public API only.
+
+    The writer commits in one trip to aiosqlite's thread when aiosqlite has
+    its ``_execute``, statement by statement otherwise: both must behave.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self._wrapped = conn
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_execute":
+            raise AttributeError(name)
+        return getattr(self._wrapped, name)
+
+
+@pytest.fixture(params=["one trip", "per statement"])
+def trips(request: pytest.FixtureRequest) -> Callable[[Any], Any]:
+    return (lambda conn: conn) if request.param == "one trip" else PublicOnly
+
+
+async def test_concurrent_writes_share_transactions(tmp_path, trips):
     conn = await open_database(tmp_path / "p.db")
-    writer = Writer(conn)
+    writer = Writer(trips(conn))
     writer.start()
     await asyncio.gather(*(writer.write([row(i)]) for i in range(500)))
     await writer.close()
@@ -40,9 +63,9 @@ async def test_concurrent_writes_share_transactions(tmp_path):
         assert check.execute("SELECT count(*) FROM answers").fetchone()[0] == 500
 
 
-async def test_failed_commits_hold_rows_and_catch_up(tmp_path):
+async def test_failed_commits_hold_rows_and_catch_up(tmp_path, trips):
     conn = await open_database(tmp_path / "p.db")
-    writer = Writer(conn, commit_timeout=0.3, retry_min=0.01, retry_max=0.05)
+    writer = Writer(trips(conn), commit_timeout=0.3, retry_min=0.01, retry_max=0.05)
     writer.start()
     # A read-only connection makes every commit fail, as a full disk would.
     await conn.execute("PRAGMA query_only = 1")
@@ -106,11 +129,11 @@ def test_newer_database_is_refused(tmp_path):
         open_sync(tmp_path / "p.db")
 
 
-async def test_a_row_the_database_refuses_is_dropped_alone(tmp_path):
+async def test_a_row_the_database_refuses_is_dropped_alone(tmp_path, trips):
     # Text sqlite3 cannot encode (a lone surrogate) once stopped the writer
     # for good; now only that request's rows are refused.
     conn = await open_database(tmp_path / "p.db")
-    writer = Writer(conn)
+    writer = Writer(trips(conn))
     writer.start()
     bad = (INSERT, ("s-bad\udcff", 0.0, "192.0.2.1", 1, 1, 1))
     results = await asyncio.gather(
