@@ -232,6 +232,16 @@ async def test_oversized_query_and_header_are_4xx(server, http):
     assert 400 <= status < 500
 
 
+async def test_requests_the_parser_refuses_have_no_row(server, http, db):
+    """As docs/schema.md says: aiohttp answers these 400 before any handler runs."""
+    base = server.base_urls["ipv4"]
+    assert (await fetch(http, f"{base}/?x={'a' * 9000}"))[0] == 400
+    assert (await fetch(http, f"{base}/", headers={"X-Big": "a" * 9000}))[0] == 400
+    # A request that reaches the handlers is answered once its row is committed.
+    assert (await fetch(http, f"{base}/no-such-path"))[0] == 404
+    assert [tuple(r) for r in db("SELECT kind, status FROM requests")] == [("unknown", 404)]
+
+
 @pytest.mark.parametrize("name", ["assignmentId", "hitId", "workerId", "batch"])
 async def test_malformed_mturk_parameters_are_400(server, http, name):
     async with http.get(
