@@ -138,10 +138,23 @@ async def test_forged_token_is_served_but_not_correlated(server, http, db):
     # A token with a flipped character fails the MAC too.
     flipped = page.token[:-1] + ("a" if page.token[-1] != "a" else "b")
     assert await fetch(http, page.blue[0].replace(page.token, flipped)) == (200, BLUE_BALL)
+    # Not even a token's shape: stored as NULL, and unverified all the same.
     assert await fetch(http, page.blue[0].replace(page.token, "garbage")) == (200, BLUE_BALL)
-    rows = db("SELECT token, token_ok FROM unverified_requests ORDER BY id")
-    assert [tuple(r) for r in rows] == [(forged, 0), (flipped, 0)]
-    assert db("SELECT count(*) FROM requests WHERE kind = 'blue' AND token IS NULL")[0][0] == 1
+    red = page.red[0].replace(page.token, "x" * 40)
+    assert await fetch(http, red) == (200, RED_BALL)
+    ds = f"{server.base_urls['ipv6']}/ds/short.png"
+    assert (await fetch(http, ds))[0] == 200
+    # Not probes: a path of ours without a token, and a 404.
+    assert (await fetch(http, f"{server.base_urls['ipv4']}/battery.js"))[0] == 200
+    assert (await fetch(http, f"{server.base_urls['ipv4']}/nothing-here"))[0] == 404
+    rows = db("SELECT kind, token, token_ok FROM unverified_requests ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        ("blue", forged, 0),
+        ("blue", flipped, 0),
+        ("blue", None, 0),
+        ("red", None, 0),
+        ("ds", None, 0),
+    ]
     assert db("SELECT ipv6, blue_fetched FROM session_summary")[0][:] == (None, 0)
 
 
