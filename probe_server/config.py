@@ -97,6 +97,18 @@ class SiteConfig(_Model):
         return self
 
 
+class IPv4SiteConfig(SiteConfig):
+    """The IPv4 site: the survey, the red balls, the answer form."""
+
+    listen: Endpoint = "127.0.0.1:8080"
+
+
+class IPv6SiteConfig(SiteConfig):
+    """The IPv6 site: the blue balls. Its own default, so a table without listen works."""
+
+    listen: Endpoint = "[::1]:8080"
+
+
 def _site_family(site: SiteConfig, version: int) -> SiteConfig:
     for key, endpoint in (("listen", site.listen), ("http_listen", site.http_listen)):
         if endpoint is None:
@@ -112,18 +124,20 @@ class SitesConfig(_Model):
     # Directory that `certbot certonly --webroot -w DIR` writes its HTTP-01
     # challenges to; both sites serve /.well-known/acme-challenge/<token> from it.
     acme_webroot: Path | None = None
-    ipv4: SiteConfig = SiteConfig(listen="127.0.0.1:8080")
-    ipv6: SiteConfig = SiteConfig(listen="[::1]:8080")
+    ipv4: IPv4SiteConfig = IPv4SiteConfig()
+    ipv6: IPv6SiteConfig = IPv6SiteConfig()
 
     @field_validator("ipv4")
     @classmethod
-    def _ipv4_socket(cls, site: SiteConfig) -> SiteConfig:
-        return _site_family(site, 4)
+    def _ipv4_socket(cls, site: IPv4SiteConfig) -> IPv4SiteConfig:
+        _site_family(site, 4)
+        return site
 
     @field_validator("ipv6")
     @classmethod
-    def _ipv6_socket(cls, site: SiteConfig) -> SiteConfig:
-        return _site_family(site, 6)
+    def _ipv6_socket(cls, site: IPv6SiteConfig) -> IPv6SiteConfig:
+        _site_family(site, 6)
+        return site
 
 
 class ServerConfig(_Model):

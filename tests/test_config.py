@@ -118,6 +118,17 @@ def test_bad_config_names_the_key(tmp_path, text, expected):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("site", ["ipv4", "ipv6"])
+def test_a_site_table_without_listen_keeps_that_sites_default(tmp_path, site):
+    """The example says every key has a default: listen too, each site its own."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[sites.{site}]\nbase_url = "https://{site}.example.org"\n')
+    config = load_config(path)
+    assert config.sites.ipv4.listen == "127.0.0.1:8080"
+    assert config.sites.ipv6.listen == "[::1]:8080"
+    assert getattr(config.sites, site).base_url == f"https://{site}.example.org"
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.toml")
