@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, load_config, parse_endpoint
+from .config import Config, ConfigError, check_paths, load_config, parse_endpoint
 from .logs import setup_logging
 from .server import Listeners, StartupError, endpoint_text, serve
 
@@ -64,6 +64,7 @@ def _demo_banner(config: Config) -> Callable[[Listeners], None]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    check_paths(config)
     # --log-level, when given, wins over the config's [logging] level.
     setup_logging(args.log_level or config.logging.level, config.logging.format)
     on_ready = _demo_banner(config) if args.config is None else None
