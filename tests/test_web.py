@@ -121,6 +121,29 @@ async def test_preview_accepted_and_direct_visits(server, http, db):
     assert db("SELECT turk_submit_to FROM sessions WHERE id = 2")[0][0] == "https://www.mturk.com"
 
 
+async def test_head_of_the_survey_is_headers_without_a_session(server, http, db):
+    """A link checker's HEAD: logged as a request, but no page was shown, so no session."""
+    async with http.get(f"{server.base_urls['ipv4']}/") as response:
+        get_headers = response.headers
+    async with http.head(f"{server.base_urls['ipv4']}/?lang=ja") as response:
+        assert response.status == 200
+        assert await response.read() == b""
+        assert response.content_type == "text/html"
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["Content-Language"] == "ja"
+        csp = response.headers["Content-Security-Policy"]
+        assert csp == get_headers["Content-Security-Policy"]
+    page = await load_survey(http, server)
+    async with http.head(page.blue[0]) as response:
+        assert response.status == 200 and await response.read() == b""
+    assert db("SELECT count(*) FROM sessions")[0][0] == 2  # the two GETs'
+    rows = db("SELECT method, kind, token, status, bytes FROM requests ORDER BY id")
+    assert tuple(rows[1]) == ("HEAD", "survey", None, 200, 0)
+    # No body was sent, whatever the body of a GET would have been.
+    assert tuple(rows[3]) == ("HEAD", "blue", page.token, 200, 0)
+    assert rows[0]["bytes"] > 0
+
+
 async def test_preview_page_disables_submit(server, http):
     page = await load_survey(http, server, "?assignmentId=ASSIGNMENT_ID_NOT_AVAILABLE&hitId=H1")
     assert "This is a preview" in page.text
