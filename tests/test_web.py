@@ -121,6 +121,18 @@ async def test_preview_accepted_and_direct_visits(server, http, db):
     assert db("SELECT turk_submit_to FROM sessions WHERE id = 2")[0][0] == "https://www.mturk.com"
 
 
+async def test_mturk_ids_without_assignment_id_are_a_direct_visit_that_keeps_them(server, http, db):
+    """MTurk always sends assignmentId with the others: a partial set is a hand-made link."""
+    page = await load_survey(
+        http, server, "?hitId=H1&workerId=W1&turkSubmitTo=https%3A%2F%2Fwww.mturk.com"
+    )
+    row = db("SELECT visit, assignment_id, hit_id, worker_id, turk_submit_to FROM sessions")[0]
+    assert tuple(row) == ("direct", None, "H1", "W1", "https://www.mturk.com")
+    # Nothing to hand to MTurk without an assignment: the thank-you page.
+    status, text = await submit(http, server, token=page.token, red=str(len(page.red)), blue="0")
+    assert status == 200 and "externalSubmit" not in text
+
+
 async def test_head_of_the_survey_is_headers_without_a_session(server, http, db):
     """A link checker's HEAD: logged as a request, but no page was shown, so no session."""
     async with http.get(f"{server.base_urls['ipv4']}/") as response:
