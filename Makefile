@@ -8,8 +8,11 @@ STAMP := $(VENV)/.installed-stamp
 
 venv: $(STAMP)
 
+# Debian and Ubuntu ship the venv module apart from python3.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV) || { \
+		echo "make: '$(PYTHON) -m venv' failed; on Debian or Ubuntu, install python3-venv (apt-get install python3-venv)" >&2; \
+		exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, load_config, parse_endpoint
+from .config import Config, ConfigError, check_paths, load_config, parse_endpoint
 from .logs import setup_logging
 from .server import Listeners, StartupError, endpoint_text, serve
 
@@ -34,23 +35,30 @@ def run_async(coroutine: Coroutine[Any, Any, int]) -> int:
 
 
 def _demo_banner(config: Config) -> Callable[[Listeners], None]:
+    """What ``make run`` prints: where to open the survey, and how to see the visit."""
+
     def show(listeners: Listeners) -> None:
-        ipv4 = endpoint_text(listeners.http["ipv4"])
-        db = config.resolve(config.database.path)
+        site = config.sites.ipv4
+        scheme = "https" if site.tls_cert is not None else "http"
+        survey = site.base_url or f"{scheme}://{endpoint_text(listeners.http['ipv4'])}"
+        # Quoted for the shell: the path may hold spaces or quotes.
+        db = shlex.quote(str(config.resolve(config.database.path)))
         query = "SELECT * FROM session_summary ORDER BY id DESC LIMIT 1"
+        what = "probe-server demo" if config.source is None else "probe-server"
         print(
-            "\nprobe-server demo is running (Ctrl-C stops it).\n"
-            f"  Open the survey in a browser:  http://{ipv4}/\n"
+            f"\n{what} is running (Ctrl-C stops it).\n"
+            f"  Open the survey in a browser:  {survey}/\n"
             f"  The same page as an MTurk preview:\n"
-            f"    http://{ipv4}/?assignmentId=ASSIGNMENT_ID_NOT_AVAILABLE&hitId=DEMOHIT\n"
+            f"    {survey}/?assignmentId=ASSIGNMENT_ID_NOT_AVAILABLE&hitId=DEMOHIT\n"
             "  The paper's other experiments, and the pages in other languages:\n"
-            f"    http://{ipv4}/?survey=speedtest   http://{ipv4}/?survey=tool\n"
-            f"    http://{ipv4}/?lang=ja   (ja, tr, hi; with survey=... too)\n"
+            f"    {survey}/?survey=speedtest   {survey}/?survey=tool\n"
+            f"    {survey}/?lang=ja   (ja, tr, hi; with survey=... too)\n"
             "  Then see what was recorded for your visit:\n"
             f"    sqlite3 -header -column {db} '{query}'\n",
             flush=True,
         )
-        if "udp_ipv4" in listeners.dns:
+        # The dig lines name the demo's zone.
+        if "udp_ipv4" in listeners.dns and config.source is None:
             host, port = listeners.dns["udp_ipv4"].getsockname()[:2]
             print(
                 "  DNS for example.org answers on UDP and TCP, IPv4 and IPv6:\n"
@@ -64,9 +72,11 @@ def _demo_banner(config: Config) -> Callable[[Listeners], None]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    check_paths(config)
     # --log-level, when given, wins over the config's [logging] level.
     setup_logging(args.log_level or config.logging.level, config.logging.format)
-    on_ready = _demo_banner(config) if args.config is None else None
+    banner = args.config is None if args.banner is None else args.banner
+    on_ready = _demo_banner(config) if banner else None
     return run_async(serve(config, on_ready=on_ready))
 
 
@@ -179,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the probe server (demo config without --config)"
     )
     serve_parser.add_argument("--config", metavar="FILE", help="TOML config file")
+    serve_parser.add_argument(
+        "--banner",
+        action=argparse.BooleanOptionalAction,
+        help="print the survey's URL and a sqlite3 command that shows the last visit"
+        " once listening (default: only for the demo, without --config)",
+    )
     serve_parser.set_defaults(func=cmd_serve)
 
     report_parser = commands.add_parser(

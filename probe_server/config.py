@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -97,6 +98,18 @@ class SiteConfig(_Model):
         return self
 
 
+class IPv4SiteConfig(SiteConfig):
+    """The IPv4 site: the survey, the red balls, the answer form."""
+
+    listen: Endpoint = "127.0.0.1:8080"
+
+
+class IPv6SiteConfig(SiteConfig):
+    """The IPv6 site: the blue balls. Its own default, so a table without listen works."""
+
+    listen: Endpoint = "[::1]:8080"
+
+
 def _site_family(site: SiteConfig, version: int) -> SiteConfig:
     for key, endpoint in (("listen", site.listen), ("http_listen", site.http_listen)):
         if endpoint is None:
@@ -112,18 +125,20 @@ class SitesConfig(_Model):
     # Directory that `certbot certonly --webroot -w DIR` writes its HTTP-01
     # challenges to; both sites serve /.well-known/acme-challenge/<token> from it.
     acme_webroot: Path | None = None
-    ipv4: SiteConfig = SiteConfig(listen="127.0.0.1:8080")
-    ipv6: SiteConfig = SiteConfig(listen="[::1]:8080")
+    ipv4: IPv4SiteConfig = IPv4SiteConfig()
+    ipv6: IPv6SiteConfig = IPv6SiteConfig()
 
     @field_validator("ipv4")
     @classmethod
-    def _ipv4_socket(cls, site: SiteConfig) -> SiteConfig:
-        return _site_family(site, 4)
+    def _ipv4_socket(cls, site: IPv4SiteConfig) -> IPv4SiteConfig:
+        _site_family(site, 4)
+        return site
 
     @field_validator("ipv6")
     @classmethod
-    def _ipv6_socket(cls, site: SiteConfig) -> SiteConfig:
-        return _site_family(site, 6)
+    def _ipv6_socket(cls, site: IPv6SiteConfig) -> IPv6SiteConfig:
+        _site_family(site, 6)
+        return site
 
 
 class ServerConfig(_Model):
@@ -565,6 +580,68 @@ def describe_error(error: ValidationError, prefix: str) -> str:
     message = message.removeprefix("Value error, ")
     # Errors raised inside a model validator carry the field in the message.
     return f"{prefix}{location or '(top level)'}: {message}"
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file, or None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as e:
+        return f"cannot read: {e.strerror}"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "cannot read: permission denied"
+    return None
+
+
+def _creatable_problem(path: Path, *, write: bool) -> str | None:
+    """Why ``path`` cannot be created (or, if it exists, read or written), or None."""
+    directory = path.parent
+    if not directory.is_dir():
+        return f"directory {directory} does not exist"
+    exists = path.exists()
+    if exists:
+        problem = _file_problem(path)
+        if problem is not None:
+            return problem
+        if write and not os.access(path, os.W_OK):
+            return "cannot write: permission denied"
+    # The secret is created there; SQLite also creates the -wal and -shm files.
+    if (write or not exists) and not os.access(directory, os.W_OK | os.X_OK):
+        return f"directory {directory} is not writable"
+    return None
+
+
+def check_paths(config: Config) -> None:
+    """The files ``serve`` reads and the directories it writes to, before it starts.
+
+    A missing zone file or certificate, or a secret or database that cannot
+    be created, is a bad config: ConfigError naming the key (exit status 2),
+    before anything is created or bound. What the files hold is read at
+    start and on SIGHUP, where a bad file is a start-up error.
+    """
+    prefix = f"{config.source}: " if config.source is not None else ""
+    checks: list[tuple[str, Path, str | None]] = []
+    secret = config.resolve(config.server.secret_file)
+    checks.append(("server.secret_file", secret, _creatable_problem(secret, write=False)))
+    database = config.resolve(config.database.path)
+    checks.append(("database.path", database, _creatable_problem(database, write=True)))
+    for name, site in (("ipv4", config.sites.ipv4), ("ipv6", config.sites.ipv6)):
+        for key in ("tls_cert", "tls_key"):
+            value = getattr(site, key)
+            if value is not None:
+                path = config.resolve(value)
+                checks.append((f"sites.{name}.{key}", path, _file_problem(path)))
+    if config.dns.enabled:
+        for value in config.dns.zones:
+            path = config.resolve(value)
+            checks.append(("dns.zones", path, _file_problem(path)))
+    for key, path, problem in checks:
+        if problem is not None:
+            raise ConfigError(f"{prefix}{key}: {path}: {problem}")
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

@@ -38,7 +38,7 @@ from .limits import ConnectionTable, GuardedSite
 from .metrics import Metrics
 from .store import Writer
 from .tls import SiteCertificate, TlsError
-from .tokens import load_or_create_secret
+from .tokens import SecretError, load_or_create_secret
 from .web import INSERT_REQUEST, IPV4, IPV6, create_app
 from .zone import Authority, ZoneError
 
@@ -335,7 +335,7 @@ class ProbeServer:
         config = self.config
         try:
             secret = load_or_create_secret(config.resolve(config.server.secret_file))
-        except (OSError, ValueError) as e:
+        except SecretError as e:
             raise StartupError(f"server.secret_file: {e}") from None
         certificates = load_certificates(config)
         contexts: dict[str, ssl.SSLContext | None] = {

@@ -85,18 +85,28 @@ def _create_whole(path: Path, data: bytes) -> None:
         temporary.unlink(missing_ok=True)
 
 
+class SecretError(Exception):
+    """The signing key cannot be read or created; one line naming its file."""
+
+
 def load_or_create_secret(path: Path) -> bytes:
     """Read the signing key, creating it (mode 0600) on first run."""
     try:
         text = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
         text = secrets.token_hex(32)
-        _create_whole(path, (text + "\n").encode("ascii"))
+        try:
+            _create_whole(path, (text + "\n").encode("ascii"))
+        except OSError as e:
+            # The error may name the temporary file: say which file we wanted.
+            raise SecretError(f"{path}: cannot create: {e.strerror or e}") from None
         return bytes.fromhex(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise SecretError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     try:
         secret = bytes.fromhex(text)
     except ValueError:
-        raise ValueError(f"{path}: expected hex digits") from None
+        raise SecretError(f"{path}: expected hex digits") from None
     if len(secret) < 16:
-        raise ValueError(f"{path}: the secret must be at least 16 bytes (32 hex digits)")
+        raise SecretError(f"{path}: the secret must be at least 16 bytes (32 hex digits)")
     return secret

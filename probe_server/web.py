@@ -205,6 +205,12 @@ def _page(
 ) -> web.Response:
     html = request.app[templates_key].render(language, template, **context)
     response = web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+    return _page_headers(request, response, language, csp)
+
+
+def _page_headers(
+    request: web.Request, response: web.Response, language: str, csp: str = ""
+) -> web.Response:
     policy = request.app[csp_key]
     response.headers["Content-Security-Policy"] = f"{policy}; {csp}" if csp else policy
     response.headers["Content-Language"] = language
@@ -247,6 +253,12 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
         )
     except survey.BadInput as e:
         return _bad_request(request, e.message, language)
+    csp = SURVEY_CSP if visit.survey == "balls" else ""
+    if request.method == "HEAD":
+        # Link checkers and monitors: the page's headers, no body, and no
+        # session (a session is a page with balls that someone was shown).
+        empty = web.Response(content_type="text/html", charset="utf-8")
+        return _page_headers(request, empty, visit.language, csp)
     token = new_token(request.app[secret_key])
     if visit.survey == "balls":
         red, blue = survey.draw_counts(config.survey.min_balls, config.survey.max_balls)
@@ -307,7 +319,6 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
         context["max_mbps"] = f"{config.speedtest.max_mbps:g}"
     elif visit.survey == "tool":
         context["tool"] = config.tool
-    csp = SURVEY_CSP if visit.survey == "balls" else ""
     return _page(request, TEMPLATES[visit.survey], visit.language, csp=csp, **context)
 
 
@@ -666,6 +677,8 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = exc
     body = getattr(response, "body", None)
     size = len(body) if isinstance(body, bytes | bytearray) else 0
+    if request.method == "HEAD":
+        size = 0  # aiohttp sends no body in answer to HEAD
     rows = [*probe.rows, _request_row(request, site, probe, response.status, size)]
     # Every response waits for its row, so a response means "logged". Only
     # successful probes turn into 503 when the row cannot be stored: they are

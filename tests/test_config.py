@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import sys
 from pathlib import Path
 from typing import get_args, get_origin
 
@@ -10,7 +13,8 @@ import pytest
 from pydantic import BaseModel
 
 from probe_server.cli import main
-from probe_server.config import Config, ConfigError, demo_config, load_config
+from probe_server.config import Config, ConfigError, check_paths, demo_config, load_config
+from probe_server.testing import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "deploy" / "probe-server.example.toml"
@@ -118,6 +122,17 @@ def test_bad_config_names_the_key(tmp_path, text, expected):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("site", ["ipv4", "ipv6"])
+def test_a_site_table_without_listen_keeps_that_sites_default(tmp_path, site):
+    """The example says every key has a default: listen too, each site its own."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[sites.{site}]\nbase_url = "https://{site}.example.org"\n')
+    config = load_config(path)
+    assert config.sites.ipv4.listen == "127.0.0.1:8080"
+    assert config.sites.ipv6.listen == "[::1]:8080"
+    assert getattr(config.sites, site).base_url == f"https://{site}.example.org"
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.toml")
@@ -132,3 +147,109 @@ def test_bad_config_exits_2_and_starts_nothing(tmp_path, capsys, monkeypatch):
     assert len(err) == 1
     assert "survey.max_balls" in err[0]
     assert list(tmp_path.iterdir()) == [path]  # no database, no secret
+
+
+ZONE_DIR = ROOT / "dns"
+ZONES = ("example.org.zone", "v6ns.example.org.zone")
+
+
+def _serving_config(tmp_path: Path, **sections: str) -> Path:
+    """A config whose every file is in place; ``sections`` replace whole tables."""
+    (tmp_path / "cert.pem").write_text("not read before start\n")
+    (tmp_path / "key.pem").write_text("not read before start\n")
+    tables = {
+        "server": 'secret_file = "probe.secret"',
+        "database": 'path = "probe.db"',
+        "sites.ipv4": 'listen = "127.0.0.1:0"\ntls_cert = "cert.pem"\ntls_key = "key.pem"',
+        "sites.ipv6": 'listen = "[::1]:0"',
+        "dns": f"zones = [{', '.join(repr(str(ZONE_DIR / z)) for z in ZONES)}]",
+        **sections,
+    }
+    path = tmp_path / "probe.toml"
+    path.write_text("".join(f"[{name}]\n{body}\n" for name, body in tables.items()))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        (
+            {"dns": f"zones = [{str(ZONE_DIR / ZONES[0])!r}, 'missing.zone']"},
+            "dns.zones: {dir}/missing.zone: no such file",
+        ),
+        ({"dns": "zones = ['.']"}, "dns.zones: {dir}: not a regular file"),
+        (
+            {"sites.ipv6": 'listen = "[::1]:0"\ntls_cert = "no.pem"\ntls_key = "key.pem"'},
+            "sites.ipv6.tls_cert: {dir}/no.pem: no such file",
+        ),
+        (
+            {"sites.ipv4": 'listen = "127.0.0.1:0"\ntls_cert = "cert.pem"\ntls_key = "k/no.pem"'},
+            "sites.ipv4.tls_key: {dir}/k/no.pem: no such file",
+        ),
+        (
+            {"server": 'secret_file = "keys/probe.secret"'},
+            "server.secret_file: {dir}/keys/probe.secret: directory {dir}/keys does not exist",
+        ),
+        (
+            {"database": 'path = "data/probe.db"'},
+            "database.path: {dir}/data/probe.db: directory {dir}/data does not exist",
+        ),
+    ],
+)
+def test_missing_files_are_a_bad_config_exit_2_before_anything_starts(
+    tmp_path, capsys, sections, expected
+):
+    path = _serving_config(tmp_path, **sections)
+    before = set(tmp_path.iterdir())
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    directory = str(tmp_path.resolve())
+    assert err == [
+        f"probe-server: config error: {path.resolve()}: {expected.format(dir=directory)}"
+    ]
+    assert set(tmp_path.iterdir()) == before  # no database, no secret
+
+
+def test_every_file_in_place_passes_the_check(tmp_path):
+    config = load_config(_serving_config(tmp_path))
+    check_paths(config)  # raises nothing
+    # The secret and the database may exist already: read (and written) in place.
+    (tmp_path / "probe.secret").write_text("00" * 32 + "\n")
+    (tmp_path / "probe.db").write_bytes(b"")
+    check_paths(config)
+
+
+async def test_an_unwritable_secret_directory_is_a_bad_config(tmp_path):
+    """The real process, without the power to ignore permissions even as root."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    path = _serving_config(tmp_path, server='secret_file = "keys/probe.secret"')
+    keys.chmod(0o500)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        # Root ignores file modes through these two capabilities: drop them.
+        setpriv = require_tool("setpriv")
+        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *prefix,
+            sys.executable,
+            "-m",
+            "probe_server",
+            "serve",
+            "--config",
+            str(path),
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        keys.chmod(0o700)
+    assert proc.returncode == 2, err
+    assert err.decode().splitlines() == [
+        f"probe-server: config error: {path.resolve()}: server.secret_file:"
+        f" {keys.resolve()}/probe.secret: directory {keys.resolve()} is not writable"
+    ]
+    assert out == b""
+    assert list(keys.iterdir()) == [] and not (tmp_path / "probe.db").exists()

@@ -26,13 +26,16 @@ from .conftest import EXAMPLE_ZONES, MakeConfig
 from .dns_client import RawTcp, RawUdp, endpoint, query, wire_query
 
 EDGE_ZONE = str(Path(__file__).parent / "zones" / "edge.test.zone")
+RFC4592_ZONE = str(Path(__file__).parent / "zones" / "rfc4592.example.zone")
 SOCKETS = [(t, f) for t in ("udp", "tcp") for f in ("ipv4", "ipv6")]
 TOKEN = "abcdefghijklmnopqrstuvwxyz234567"
 
 
 @pytest.fixture
 async def dns_server(make_config: MakeConfig) -> AsyncIterator[ProbeServer]:
-    config = make_config(dns={"zones": [*EXAMPLE_ZONES, EDGE_ZONE], "tcp_idle_timeout": 2.0})
+    config = make_config(
+        dns={"zones": [*EXAMPLE_ZONES, EDGE_ZONE, RFC4592_ZONE], "tcp_idle_timeout": 2.0}
+    )
     server = ProbeServer(config)
     await server.start()
     try:
@@ -105,6 +108,27 @@ async def test_other_rules_on_every_socket(dns_server, transport, family):
     # Wildcard: a per-session name.
     reply = await query(dns_server, f"{TOKEN}.v6.example.org", "AAAA", **ask)
     assert section(reply, "answer") == [(f"{TOKEN}.v6.example.org.", "AAAA", 300, "2001:db8::10")]
+    # RFC 4592 §3.3.1: a closer existing name blocks the wildcard. real.v6
+    # exists, so names below it are not *.v6's, and the name itself has its
+    # own data.
+    reply = await query(dns_server, "x.real.v6.edge.test", "AAAA", **ask)
+    assert (reply.rcode(), reply.answer) == (dns.rcode.NXDOMAIN, [])
+    assert section(reply, "authority")[0][:2] == ("edge.test.", "SOA")
+    reply = await query(dns_server, "real.v6.edge.test", "AAAA", **ask)
+    assert section(reply, "answer") == [("real.v6.edge.test.", "AAAA", 300, "2001:db8::99")]
+    reply = await query(dns_server, "other.v6.edge.test", "AAAA", **ask)
+    assert section(reply, "answer") == [("other.v6.edge.test.", "AAAA", 300, "2001:db8::10")]
+    # RFC 4592 §2.2.1: host1.example exists, so *.example's MX is not its
+    # MX (NODATA) and a name below it is NXDOMAIN (its closest encloser,
+    # the empty non-terminal _tcp.host1, has no wildcard), while a name
+    # whose closest encloser is the apex gets the wildcard.
+    reply = await query(dns_server, "host1.example", "MX", **ask)
+    assert (reply.rcode(), reply.answer) == (dns.rcode.NOERROR, [])
+    assert section(reply, "authority")[0][:2] == ("example.", "SOA")
+    reply = await query(dns_server, "_telnet._tcp.host1.example", "SRV", **ask)
+    assert (reply.rcode(), reply.answer) == (dns.rcode.NXDOMAIN, [])
+    reply = await query(dns_server, "foo.bar.example", "TXT", **ask)
+    assert section(reply, "answer") == [("foo.bar.example.", "TXT", 3600, '"this is a wildcard"')]
     # Empty non-terminal: NODATA.
     reply = await query(dns_server, "c.edge.test", "A", **ask)
     assert (reply.rcode(), reply.answer) == (dns.rcode.NOERROR, [])
@@ -166,16 +190,16 @@ async def test_ipv6_only_child_is_answered_only_over_ipv6(dns_server, transport)
         ]
 
 
-@pytest.mark.parametrize("transport", ["udp", "tcp"])
+@pytest.mark.parametrize(("transport", "family"), SOCKETS)
 @pytest.mark.parametrize(
     "qname", ["SuRvEy.ExAmPlE.oRg", f"{TOKEN.upper()}.v6.Example.ORG", "NoPe.example.org"]
 )
-async def test_question_echoed_with_the_clients_letter_case(dns_server, transport, qname):
+async def test_question_echoed_with_the_clients_letter_case(dns_server, transport, family, qname):
     """0x20: resolvers drop replies whose question changed case."""
     # Lower case first, so the mixed-case query is served from the cache.
     lower = wire_query(qname.lower(), "AAAA", ident=1)
     mixed = wire_query(qname, "AAAA", ident=2)
-    raw = await (RawUdp if transport == "udp" else RawTcp).open(dns_server)
+    raw = await (RawUdp if transport == "udp" else RawTcp).open(dns_server, family)
     try:
         await raw.exchange(lower)
         reply = await raw.exchange(mixed)
@@ -205,31 +229,36 @@ async def test_edns_reply_carries_our_opt(dns_server):
     assert reply.edns == -1  # no OPT to a query without one
 
 
-@pytest.mark.parametrize("transport", ["udp", "tcp"])
-async def test_unknown_edns_version_is_badvers(dns_server, transport):
-    reply = await query(dns_server, "survey.example.org", "A", use_edns=1, transport=transport)
+@pytest.mark.parametrize(("transport", "family"), SOCKETS)
+async def test_unknown_edns_version_is_badvers(dns_server, transport, family):
+    reply = await query(
+        dns_server, "survey.example.org", "A", use_edns=1, transport=transport, family=family
+    )
     assert reply.rcode() == dns.rcode.BADVERS
     assert reply.edns == 0  # we answer with the version we speak
     assert reply.answer == []
 
 
-async def test_large_answer_truncated_keeping_question_and_opt(dns_server):
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+async def test_large_answer_truncated_keeping_question_and_opt(dns_server, family):
     # No EDNS: 512 bytes at most; the answer doesn't fit.
-    reply = await query(dns_server, "big.edge.test", "A", use_edns=False)
+    reply = await query(dns_server, "big.edge.test", "A", use_edns=False, family=family)
     assert reply.flags & dns.flags.TC
     assert reply.question[0].name.to_text() == "big.edge.test."
     assert (reply.answer, reply.authority) == ([], [])
     # EDNS with a small buffer: truncated, and the OPT record stays (RFC 6891 §7).
-    reply = await query(dns_server, "big.edge.test", "A", use_edns=0, payload=512)
+    reply = await query(dns_server, "big.edge.test", "A", use_edns=0, payload=512, family=family)
     assert reply.flags & dns.flags.TC
     assert (reply.edns, reply.payload) == (0, 1232)
     assert reply.question
     # EDNS with room for it: the whole answer.
-    reply = await query(dns_server, "big.edge.test", "A", use_edns=0, payload=1232)
+    reply = await query(dns_server, "big.edge.test", "A", use_edns=0, payload=1232, family=family)
     assert not reply.flags & dns.flags.TC
     assert len(section(reply, "answer")) == 40
     # TCP: never truncated.
-    reply = await query(dns_server, "big.edge.test", "A", use_edns=False, transport="tcp")
+    reply = await query(
+        dns_server, "big.edge.test", "A", use_edns=False, transport="tcp", family=family
+    )
     assert not reply.flags & dns.flags.TC
     assert len(section(reply, "answer")) == 40
 

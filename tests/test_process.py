@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from probe_server.testing import ServerProcess, write_config
+from probe_server.testing import ServerProcess, require_tool, write_config
 
 from .conftest import EXAMPLE_ZONES
 
@@ -194,3 +194,75 @@ async def test_dns_in_the_process_on_every_socket_and_logged_at_sigterm(tmp_path
         ("dns_udp_ipv6.v6.example.org.", "ipv6", "udp", "NOERROR"),
         ("dns_tcp_ipv6.v6.example.org.", "ipv6", "tcp", "NOERROR"),
     ]
+
+
+async def test_banner_url_and_sqlite3_line_work_after_a_visit(tmp_path):
+    """What `make run` prints, from the real process: open the URL, run the sqlite3 line."""
+    sqlite3_cli = require_tool("sqlite3")
+    config = write_config(
+        tmp_path / "probe.toml",
+        {
+            "server": {"secret_file": "probe.secret"},
+            "sites": {"ipv4": {"listen": "127.0.0.1:0"}, "ipv6": {"listen": "[::1]:0"}},
+            # A space in the name: the printed command must quote it.
+            "database": {"path": "my probe.db"},
+            "dns": {"zones": EXAMPLE_ZONES, "listen_ipv4": "127.0.0.1:0", "listen_ipv6": "[::1]:0"},
+        },
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "probe_server",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--config",
+        str(config),
+        "--banner",
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        async with asyncio.timeout(30):
+            while not lines or not lines[-1].lstrip().startswith("sqlite3 "):
+                line = await proc.stdout.readline()
+                assert line, f"exited before the banner: {lines}"
+                lines.append(line.decode().rstrip("\n"))
+        (survey,) = [line.split(":  ", 1)[1] for line in lines if "Open the survey" in line]
+        command = lines[-1].strip()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", survey), survey
+        async with aiohttp.ClientSession() as http:
+            async with http.get(survey) as response:
+                assert response.status == 200
+                page = await response.text()
+            token = re.search(r'name="token" value="([a-z2-7]{32})"', page).group(1)
+            blue = re.findall(r'<img src="(http://\[::1\][^"]+/blue/[^"]+)"', page)
+            for url in blue:
+                async with http.get(url.replace("&amp;", "&")) as response:
+                    assert response.status == 200
+        # The line as printed, through the shell a reader pastes it into.
+        assert command.startswith("sqlite3 ")
+        shown = await asyncio.create_subprocess_shell(
+            command.replace("sqlite3", sqlite3_cli, 1),
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(shown.communicate(), 30)
+        assert shown.returncode == 0, err.decode()
+        header, row = out.decode().splitlines()[0], out.decode().splitlines()[2]
+        assert header.split()[:5] == ["id", "token", "created", "ipv4", "ipv6"]
+        assert row.split()[1:2] == [token]
+        assert row.split()[3:5] == ["127.0.0.1", "::1"]
+        # red_fetched, blue_fetched: no red ball was fetched, every blue one.
+        assert row.split()[5:7] == ["0", str(len(blue))]
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, stderr.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -149,3 +149,33 @@ async def test_a_row_the_database_refuses_is_dropped_alone(tmp_path, trips):
     with sqlite3.connect(tmp_path / "p.db") as check:
         tokens = [t for (t,) in check.execute("SELECT session_token FROM answers ORDER BY id")]
     assert tokens == ["s1", "s2", "s3"]
+
+
+def test_unverified_requests_after_migrating_an_older_database(tmp_path):
+    """The redefined view covers rows stored before it: probes whose token had no shape."""
+    from probe_server.store import migrations
+
+    (version,) = [v for v, name, _ in migrations() if name.endswith("_unverified.sql")]
+    with sqlite3.connect(tmp_path / "p.db") as conn:
+        for number, _, script in migrations()[: version - 1]:
+            conn.executescript(f"{script}\nPRAGMA user_version = {number};")
+        rows = [
+            ("blue", None, 0),  # a token without a token's shape
+            ("blue", "f" * 32, 0),  # token-shaped, not signed by us
+            ("blue", "g" * 32, 1),  # ours
+            ("unknown", None, 0),  # a 404: not a probe
+            ("mtu-ok", None, 0),
+        ]
+        conn.executemany(
+            "INSERT INTO requests (t, site, addr, port, method, path, kind, token, token_ok,"
+            " status, bytes) VALUES (0, 'ipv6', '::1', 1, 'GET', '/', ?, ?, ?, 200, 1)",
+            rows,
+        )
+        before = conn.execute("SELECT kind, token FROM unverified_requests ORDER BY id").fetchall()
+    assert before == [("blue", "f" * 32)]
+    conn = open_sync(tmp_path / "p.db")
+    try:
+        after = conn.execute("SELECT kind, token FROM unverified_requests ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    assert after == [("blue", None), ("blue", "f" * 32), ("mtu-ok", None)]

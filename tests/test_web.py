@@ -122,6 +122,41 @@ async def test_preview_accepted_and_direct_visits(server, http, db):
     assert db("SELECT turk_submit_to FROM sessions WHERE id = 2")[0][0] == "https://www.mturk.com"
 
 
+async def test_mturk_ids_without_assignment_id_are_a_direct_visit_that_keeps_them(server, http, db):
+    """MTurk always sends assignmentId with the others: a partial set is a hand-made link."""
+    page = await load_survey(
+        http, server, "?hitId=H1&workerId=W1&turkSubmitTo=https%3A%2F%2Fwww.mturk.com"
+    )
+    row = db("SELECT visit, assignment_id, hit_id, worker_id, turk_submit_to FROM sessions")[0]
+    assert tuple(row) == ("direct", None, "H1", "W1", "https://www.mturk.com")
+    # Nothing to hand to MTurk without an assignment: the thank-you page.
+    status, text = await submit(http, server, token=page.token, red=str(len(page.red)), blue="0")
+    assert status == 200 and "externalSubmit" not in text
+
+
+async def test_head_of_the_survey_is_headers_without_a_session(server, http, db):
+    """A link checker's HEAD: logged as a request, but no page was shown, so no session."""
+    async with http.get(f"{server.base_urls['ipv4']}/") as response:
+        get_headers = response.headers
+    async with http.head(f"{server.base_urls['ipv4']}/?lang=ja") as response:
+        assert response.status == 200
+        assert await response.read() == b""
+        assert response.content_type == "text/html"
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["Content-Language"] == "ja"
+        csp = response.headers["Content-Security-Policy"]
+        assert csp == get_headers["Content-Security-Policy"]
+    page = await load_survey(http, server)
+    async with http.head(page.blue[0]) as response:
+        assert response.status == 200 and await response.read() == b""
+    assert db("SELECT count(*) FROM sessions")[0][0] == 2  # the two GETs'
+    rows = db("SELECT method, kind, token, status, bytes FROM requests ORDER BY id")
+    assert tuple(rows[1]) == ("HEAD", "survey", None, 200, 0)
+    # No body was sent, whatever the body of a GET would have been.
+    assert tuple(rows[3]) == ("HEAD", "blue", page.token, 200, 0)
+    assert rows[0]["bytes"] > 0
+
+
 async def test_preview_page_disables_submit(server, http):
     page = await load_survey(http, server, "?assignmentId=ASSIGNMENT_ID_NOT_AVAILABLE&hitId=H1")
     assert "This is a preview" in page.text
@@ -139,10 +174,23 @@ async def test_forged_token_is_served_but_not_correlated(server, http, db):
     # A token with a flipped character fails the MAC too.
     flipped = page.token[:-1] + ("a" if page.token[-1] != "a" else "b")
     assert await fetch(http, page.blue[0].replace(page.token, flipped)) == (200, BLUE_BALL)
+    # Not even a token's shape: stored as NULL, and unverified all the same.
     assert await fetch(http, page.blue[0].replace(page.token, "garbage")) == (200, BLUE_BALL)
-    rows = db("SELECT token, token_ok FROM unverified_requests ORDER BY id")
-    assert [tuple(r) for r in rows] == [(forged, 0), (flipped, 0)]
-    assert db("SELECT count(*) FROM requests WHERE kind = 'blue' AND token IS NULL")[0][0] == 1
+    red = page.red[0].replace(page.token, "x" * 40)
+    assert await fetch(http, red) == (200, RED_BALL)
+    ds = f"{server.base_urls['ipv6']}/ds/short.png"
+    assert (await fetch(http, ds))[0] == 200
+    # Not probes: a path of ours without a token, and a 404.
+    assert (await fetch(http, f"{server.base_urls['ipv4']}/battery.js"))[0] == 200
+    assert (await fetch(http, f"{server.base_urls['ipv4']}/nothing-here"))[0] == 404
+    rows = db("SELECT kind, token, token_ok FROM unverified_requests ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        ("blue", forged, 0),
+        ("blue", flipped, 0),
+        ("blue", None, 0),
+        ("red", None, 0),
+        ("ds", None, 0),
+    ]
     assert db("SELECT ipv6, blue_fetched FROM session_summary")[0][:] == (None, 0)
 
 
@@ -231,6 +279,16 @@ async def test_oversized_query_and_header_are_4xx(server, http):
     assert 400 <= status < 500
     status, _ = await fetch(http, f"{server.base_urls['ipv4']}/", headers={"X-Big": "a" * 20000})
     assert 400 <= status < 500
+
+
+async def test_requests_the_parser_refuses_have_no_row(server, http, db):
+    """As docs/schema.md says: aiohttp answers these 400 before any handler runs."""
+    base = server.base_urls["ipv4"]
+    assert (await fetch(http, f"{base}/?x={'a' * 9000}"))[0] == 400
+    assert (await fetch(http, f"{base}/", headers={"X-Big": "a" * 9000}))[0] == 400
+    # A request that reaches the handlers is answered once its row is committed.
+    assert (await fetch(http, f"{base}/no-such-path"))[0] == 404
+    assert [tuple(r) for r in db("SELECT kind, status FROM requests")] == [("unknown", 404)]
 
 
 @pytest.mark.parametrize("name", ["assignmentId", "hitId", "workerId", "batch"])
