@@ -55,7 +55,7 @@ bench: $(STAMP)
 
 # Needs dnsperf and knot (Debian packages); both servers on CPU 0, dnsperf on CPU 1.
 bench-dns: $(STAMP)
-	$(BIN)/python bench/dns_bench.py
+	$(BIN)/python -m bench.suite --only dns
 
 bench-report: $(STAMP)
 	$(BIN)/python bench/report_million.py

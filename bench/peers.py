@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -93,9 +94,12 @@ class Peer:
         )
         wait_for_port(self.port, self.process)
 
+    # The signal that stops the server gracefully.
+    stop_signal = signal.SIGTERM
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(self.stop_signal)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
@@ -135,15 +139,8 @@ class Nginx(Peer):
             str(self.workdir),
         ]
 
-    def stop(self) -> None:
-        # SIGQUIT: graceful stop, which flushes the buffered access log.
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(3)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    # nginx's graceful stop, which flushes the buffered access log.
+    stop_signal = signal.SIGQUIT
 
     def logged(self) -> int:
         return _lines(self.workdir / "nginx-access.log")
@@ -186,11 +183,6 @@ class Apache(Peer):
         )
         binary = shutil.which("apache2") or "/usr/sbin/apache2"
         return [binary, "-f", str(config), "-DFOREGROUND"]
-
-    def stop(self) -> None:
-        # SIGWINCH is Apache's graceful stop; SIGTERM stops at once. Either way
-        # every logged line has been written by its worker.
-        super().stop()
 
     def logged(self) -> int:
         return _lines(self.workdir / "img.log")

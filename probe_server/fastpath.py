@@ -41,14 +41,14 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from . import images, survey
 from .keys import metrics_key, verifier_key, writer_key
-from .limits import ConnectionTable, GuardedConnection, client_key
+from .limits import ConnectionTable, GuardedConnection
 from .store import NotStored, Overloaded
 from .tokens import looks_like_token
 
@@ -219,13 +219,9 @@ class FastConnection(GuardedConnection):
 
     # -- events --------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        client = client_key(peer[0]) if peer else "?"
-        if not self.table.admit(self, client):
-            self._refuse()
-            return
+    def admitted(self, peer: Any) -> None:
+        # Ours until a request that is not a ball; aiohttp's protocol is
+        # made only then (_hand_over).
         if peer:
             self.addr, self.port = survey.canonical_address(peer[0]), int(peer[1])
         balls = self.balls

@@ -280,8 +280,13 @@ class GuardedConnection(asyncio.Protocol):
         if not self.table.admit(self, client):
             self._refuse()
             return
+        self.admitted(peer)
+
+    def admitted(self, peer: Any) -> None:
+        """The connection has its place in the table: from now on it is aiohttp's."""
+        assert self.transport is not None
         self.inner = self.factory()
-        self.inner.connection_made(transport)
+        self.inner.connection_made(self.transport)
 
     def _refuse(self) -> None:
         """A complete 503, then close once the client has read it (or soon)."""
