@@ -94,6 +94,19 @@ INSERT_BATTERY_PAGE = (
     "INSERT INTO battery_pages (session_token, probes, labels, beacon, v6ns_host)"
     " VALUES (?,?,?,?,?)"
 )
+# A worker's sessions on the other HITs of the experiment that the HIT they
+# opened keeps them out of, as MTurk will once `hits sync` grants the "took
+# part" qualification: another HIT of the same batch (a batch split into
+# HITs of at most 9 assignments excludes its own workers), or a HIT of any
+# other batch when the HIT's batch has exclude_other_batches. A HIT the
+# database does not know (another experiment, a direct visit) matches nothing.
+TOOK_PART_ELSEWHERE = (
+    "SELECT s.hit_id FROM hits cur JOIN batches cb ON cb.name = cur.batch"
+    " JOIN sessions s ON s.worker_id = ? AND s.visit = 'accepted' AND s.hit_id <> cur.hit_id"
+    " JOIN hits h ON h.hit_id = s.hit_id JOIN batches b ON b.name = h.batch"
+    " WHERE cur.hit_id = ? AND b.experiment = cb.experiment AND b.sandbox = cb.sandbox"
+    " AND (b.name = cb.name OR cb.exclude_other_batches) LIMIT 1"
+)
 INSERT_BEACON = (
     "INSERT INTO beacons (session_token, t, addr, final, probe, state, at_ms, duration_ms,"
     " dns_ms, connect_ms) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -247,6 +260,10 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
         )
     except survey.BadInput as e:
         return _bad_request(request, e.message, language)
+    if await _took_part_elsewhere(request, visit):
+        # No session, no probes, no form: the worker is asked to return the HIT.
+        probe.kind = "repeat"
+        return _page(request, "repeat.html", visit.language)
     token = new_token(request.app[secret_key])
     if visit.survey == "balls":
         red, blue = survey.draw_counts(config.survey.min_balls, config.survey.max_balls)
@@ -309,6 +326,20 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
         context["tool"] = config.tool
     csp = SURVEY_CSP if visit.survey == "balls" else ""
     return _page(request, TEMPLATES[visit.survey], visit.language, csp=csp, **context)
+
+
+async def _took_part_elsewhere(request: web.Request, visit: survey.Visit) -> bool:
+    """The worker of an accepted visit already has a session on a HIT this one excludes.
+
+    Their own HIT opened again (a reload, or a new assignment of it after a
+    return) is not another HIT.
+    """
+    if visit.kind != "accepted" or not visit.worker_id or not visit.hit_id:
+        return False
+    async with request.app[reader_key].execute(
+        TOOK_PART_ELSEWHERE, (visit.worker_id, visit.hit_id)
+    ) as cursor:
+        return await cursor.fetchone() is not None
 
 
 async def _ball(request: web.Request, kind: str, body: bytes) -> web.StreamResponse:

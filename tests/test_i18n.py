@@ -98,6 +98,7 @@ def every_page(pages: Pages, language: str) -> list[str]:
         )
     rendered.append(pages.render(language, "error.html", message="x"))
     rendered.append(pages.render(language, "thanks.html"))
+    rendered.append(pages.render(language, "repeat.html"))
     rendered.append(
         pages.render(
             language, "handoff.html", submit_url="https://x", assignment_id="A1", fields=[]
