@@ -108,9 +108,9 @@ def every_page(pages: Pages, language: str) -> list[str]:
 
 
 def worker_messages() -> list[Message]:
-    """The errors shown to workers, with values for their placeholders."""
+    """The errors and review feedback shown to workers, with values for their placeholders."""
     values = {"name": "hitId", "test": "Ookla", "max": 99, "hosts": "a.b", "tool": "T"}
-    values["example"] = "123"
+    values.update(example="123", shown=3, reported=2)
     found = []
     for text in extracted():
         names = re.findall(r"%\(([a-z_]+)\)", text)

@@ -20,6 +20,7 @@ import pytest
 from botocore.exceptions import BotoCoreError
 
 from probe_server.cli import main
+from probe_server.i18n import read_catalogue
 from probe_server.mturk.experiment import load_experiment
 from probe_server.mturk.requester import (
     SessionFacts,
@@ -395,7 +396,7 @@ async def test_review_status_and_expire(tmp_path, fake_mturk):
     statuses = {a.assignment_id: a.status for a in fake.assignments.values()}
     assert statuses[right] == statuses[no_token] == "Approved"
     assert statuses[wrong] == "Rejected" and statuses[unknown] == "Submitted"
-    assert "The page showed 3 red balls and your answer said 2" in (
+    assert "The number of red balls on the page was 3 and your answer said 2" in (
         fake.assignments[wrong].feedback or ""
     )
     assert rows(
@@ -434,6 +435,52 @@ async def test_review_records_what_mturk_refused(tmp_path, fake_mturk):
     assert rows(tmp_path, "SELECT decision, done, error IS NOT NULL FROM reviews") == [
         ("approve", None, 1)
     ]
+
+
+def catalogue_text(language: str, msgid: str, **params: Any) -> str:
+    """A message as the language's catalogue translates it (not as review renders it)."""
+    message = read_catalogue(language).get(msgid)
+    assert message is not None and message.string, msgid
+    return str(message.string) % params if params else str(message.string)
+
+
+async def test_review_feedback_is_in_the_batch_language(tmp_path, fake_mturk):
+    path = write_experiment(
+        tmp_path,
+        'name = "en"\nreward = "0.05"\nassignments = 2',
+        'name = "ja"\nreward = "0.05"\nassignments = 2\nlanguage = "ja"',
+        'name = "hi"\nreward = "0.05"\nassignments = 2\nlanguage = "hi"',
+    )
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "publish", str(path), *endpoint))[0] == 0
+    fake = fake_mturk.fake
+    hit_of = {
+        hit.annotation.split("/")[1]: hit.hit_id for hit in fake.hits.values() if hit.annotation
+    }
+    answered = {}
+    for batch in ("en", "ja", "hi"):
+        right = submit(fake, hit_of[batch], f"AR{batch.upper()}", token=f"r{batch}", red="3")
+        wrong = submit(fake, hit_of[batch], f"AW{batch.upper()}", token=f"w{batch}", red="1")
+        insert_session(tmp_path, f"r{batch}", right, 3)
+        insert_session(tmp_path, f"w{batch}", wrong, 3)
+        answered[batch] = (right, wrong)
+    assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
+    status, out, _ = await cli("hits", "review", str(path), *endpoint)
+    assert status == 0 and "Approved 3, rejected 3" in out, out
+    feedback = {a.assignment_id: a.feedback for a in fake.assignments.values()}
+    wrong_count = (
+        "Thank you for taking part. The number of red balls on the page was %(shown)d and your"
+        " answer said %(reported)d, so we cannot approve this HIT. If you think this is a"
+        " mistake, please write to us through MTurk."
+    )
+    right, wrong = answered["en"]
+    assert feedback[right] == "Thank you for counting the balls!"
+    assert feedback[wrong] == wrong_count % {"shown": 3, "reported": 1}
+    for language in ("ja", "hi"):
+        right, wrong = answered[language]
+        assert feedback[right] == catalogue_text(language, "Thank you for counting the balls!")
+        assert feedback[wrong] == catalogue_text(language, wrong_count, shown=3, reported=1)
+        assert feedback[wrong] != feedback[answered["en"][1]]
 
 
 async def test_unknown_batch_is_refused(tmp_path, fake_mturk):

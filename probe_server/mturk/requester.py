@@ -12,6 +12,7 @@ the sandbox unless the :class:`Target` says live.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -27,10 +28,12 @@ from typing import Any
 
 import aioboto3
 import aiosqlite
+from babel.support import NullTranslations
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from tqdm import tqdm
 
+from ..i18n import N_, SOURCE_LANGUAGE, Message, languages, load_translations
 from ..store import open_database
 from . import fees
 from .experiment import Batch, Experiment
@@ -214,15 +217,54 @@ def _red(answers: dict[str, str]) -> int | None:
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 3 else None
 
 
-# What review says of each kind's reports, in its reasons and feedback.
+# What review says of each kind's reports, in its reasons (for the researcher,
+# in English).
 REPORTS = {"speedtest": "speed test results", "tool": "tool report"}
+
+# What review says to the worker (RequesterFeedback), in the batch's language:
+# whole sentences, so that each translation can order its words freely.
 THANKS = {
-    "speedtest": "Thank you for running the speed tests!",
-    "tool": "Thank you for running the tool!",
+    "balls": N_("Thank you for counting the balls!"),
+    "speedtest": N_("Thank you for running the speed tests!"),
+    "tool": N_("Thank you for running the tool!"),
 }
+NOT_RECEIVED = {
+    "speedtest": N_(
+        "Thank you for taking part. Your speed test results did not reach our server"
+        " through the survey page, so we cannot approve this HIT. If you think this is a"
+        " mistake, please write to us through MTurk."
+    ),
+    "tool": N_(
+        "Thank you for taking part. Your tool report did not reach our server through the"
+        " survey page, so we cannot approve this HIT. If you think this is a mistake, please"
+        " write to us through MTurk."
+    ),
+}
+NO_RED_COUNT = N_(
+    "Thank you for taking part. We could not read a number of red balls in your answer,"
+    " so we cannot approve this HIT."
+)
+WRONG_RED_COUNT = N_(
+    "Thank you for taking part. The number of red balls on the page was %(shown)d and your"
+    " answer said %(reported)d, so we cannot approve this HIT. If you think this is a"
+    " mistake, please write to us through MTurk."
+)
+THANKS_ALL = N_("Thank you for taking part!")
 
 
-def _decide_reports(base: Decision, session: SessionFacts) -> Decision:
+@functools.cache
+def _translations(language: str) -> NullTranslations:
+    # A language without a catalogue (removed since the batch was published)
+    # gets English rather than no review at all.
+    return load_translations(language) if language in languages() else NullTranslations()
+
+
+def worker_feedback(language: str, text: str, **params: Any) -> str:
+    """RequesterFeedback in the worker's (the batch's) language."""
+    return Message(text, params).render(_translations(language))
+
+
+def _decide_reports(base: Decision, session: SessionFacts, language: str) -> Decision:
     """The speedtest and tool rule: approve when the server stored the session's report.
 
     The survey server stores a speedtest submission only when every test's
@@ -237,17 +279,13 @@ def _decide_reports(base: Decision, session: SessionFacts) -> Decision:
             base,
             action="approve",
             reason=f"{what} stored, every field valid",
-            feedback=THANKS[session.survey],
+            feedback=worker_feedback(language, THANKS[session.survey]),
         )
     return replace(
         base,
         action="reject",
         reason=f"no valid {what} reached the survey server",
-        feedback=(
-            f"Thank you for taking part. Your {what} did not reach our server through the"
-            " survey page, so we cannot approve this HIT. If you think this is a mistake,"
-            " please write to us through MTurk."
-        ),
+        feedback=worker_feedback(language, NOT_RECEIVED[session.survey]),
     )
 
 
@@ -258,6 +296,7 @@ def decide(
     answers: dict[str, str],
     sessions: Sequence[SessionFacts],
     kind: str | None = None,
+    language: str = SOURCE_LANGUAGE,
 ) -> Decision:
     """Apply the review rule of the session's kind of page.
 
@@ -269,10 +308,10 @@ def decide(
     one whose token came back in the answers, else those opened with its
     assignmentId. ``kind`` is the batch's kind: a session of another kind
     (a worker who changed the URL) is left for a person, as is anything
-    that cannot be matched.
+    that cannot be matched. The feedback is in ``language``, the batch's.
     """
     base = Decision(assignment_id, worker_id, batch, "skip", "")
-    token = answers.get("token")
+    token = answers.get("token", "").strip()
     if token:
         matching = [s for s in sessions if s.token == token]
         if not matching:
@@ -299,7 +338,7 @@ def decide(
             reason=f"the batch shows the {kind} page but the session showed {session.survey}",
         )
     if session.survey in REPORTS:
-        return _decide_reports(base, session)
+        return _decide_reports(base, session, language)
     reported = _red(answers)
     base = replace(base, session_token=session.token, red_expected=session.red_count)
     if reported is None:
@@ -307,10 +346,7 @@ def decide(
             base,
             action="reject",
             reason="no readable red count in the answer",
-            feedback=(
-                "Thank you for taking part. We could not read a number of red balls in"
-                " your answer, so we cannot approve this HIT."
-            ),
+            feedback=worker_feedback(language, NO_RED_COUNT),
         )
     base = replace(base, red_reported=reported)
     if reported == session.red_count:
@@ -318,17 +354,14 @@ def decide(
             base,
             action="approve",
             reason=f"red count {reported} is right",
-            feedback="Thank you for counting the balls!",
+            feedback=worker_feedback(language, THANKS["balls"]),
         )
     return replace(
         base,
         action="reject",
         reason=f"red count {reported}, the page showed {session.red_count}",
-        feedback=(
-            f"Thank you for taking part. The page showed {session.red_count} red"
-            f" ball{'s' if session.red_count != 1 else ''} and your answer said {reported},"
-            " so we cannot approve this HIT. If you think this is a mistake, please write"
-            " to us through MTurk."
+        feedback=worker_feedback(
+            language, WRONG_RED_COUNT, shown=session.red_count, reported=reported
         ),
     )
 
@@ -802,7 +835,8 @@ class Requester:
         names = [b.name for b in self.experiment.batches]
         placeholders = ",".join("?" * len(names))
         rows = await self._rows(
-            "SELECT a.assignment_id, a.worker_id, a.answers, h.batch, b.kind FROM assignments a"
+            "SELECT a.assignment_id, a.worker_id, a.answers, h.batch, b.kind, b.language"
+            " FROM assignments a"
             " JOIN hits h ON h.hit_id = a.hit_id JOIN batches b ON b.name = h.batch"
             f" WHERE a.status = 'Submitted' AND h.sandbox = ? AND h.batch IN ({placeholders})"
             " ORDER BY a.submit_time, a.assignment_id",
@@ -832,13 +866,14 @@ class Requester:
                 answers,
                 sessions,
                 kind=row["kind"],
+                language=row["language"],
             )
             if approve_all and decision.action != "approve":
                 decision = replace(
                     decision,
                     action="approve",
                     reason=f"--approve-all (else: {decision.action}: {decision.reason})",
-                    feedback="Thank you for taking part!",
+                    feedback=worker_feedback(row["language"], THANKS_ALL),
                 )
             decisions.append(decision)
         return decisions
