@@ -16,8 +16,10 @@ import aiohttp
 import pytest
 
 from probe_server.mturk.fake import FakeServer
+from probe_server.mturk.requester import Participation, earlier_participation
 from probe_server.server import ProbeServer
 
+from .test_handoff import handoff_of
 from .test_requester import cli, rows
 from .test_web import Page
 
@@ -123,3 +125,83 @@ async def test_batches_that_exclude_each_other_and_one_that_does_not(
     Page(await open_task(http, (await accept(http, fake_mturk, open_hit, "ASECOND"))["url"]))
     assert rows(tmp_path, "SELECT count(*) FROM sessions") == [(3,)]
     assert db("SELECT count(*) FROM requests WHERE kind = 'repeat'")[0][0] == 1
+
+
+async def answer(http: aiohttp.ClientSession, server: ProbeServer, page: Page) -> Any:
+    """Answer right through the probe server, then follow its hand-off to externalSubmit."""
+    async with http.post(
+        f"{server.base_urls['ipv4']}/submit",
+        data={"token": page.token, "red": str(len(page.red)), "blue": str(len(page.blue))},
+    ) as response:
+        assert response.status == 200
+        action, fields = handoff_of(await response.text())
+    async with http.post(action, data=fields) as response:
+        assert response.status == 200, await response.text()
+    return fields
+
+
+async def test_review_pays_a_repeat_worker_once_even_with_approve_all(
+    tmp_path, probe, fake_mturk, http
+):
+    path = experiment(tmp_path, probe, 'name = "b"\nreward = "0.05"\nassignments = 10')
+    (first, second) = (await publish(path, fake_mturk, "--split"))["b"]
+    fake = fake_mturk.fake
+    one = await accept(http, fake_mturk, first, "AREPEAT")
+    two = await accept(http, fake_mturk, second, "AREPEAT")
+    other = await accept(http, fake_mturk, second, "AOTHER")
+    fields = await answer(http, probe, Page(await open_task(http, one["url"])))
+    fake.advance(60)
+    # The second HIT's page refused them; they post its form to MTurk anyway,
+    # with the answer of their first page.
+    assert REPEAT_HEADING in await open_task(http, two["url"])
+    async with http.post(
+        f"{fake_mturk.url}/mturk/externalSubmit",
+        data={**fields, "assignmentId": two["assignmentId"]},
+    ) as response:
+        assert response.status == 200
+    fake.advance(60)
+    await answer(http, probe, Page(await open_task(http, other["url"])))
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
+
+    status, out, _ = await cli("hits", "review", str(path), "--dry-run", *endpoint)
+    assert status == 0
+    lines = {line.split()[1]: line for line in out.splitlines()[:-1]}
+    assert lines[one["assignmentId"]].startswith("approve")
+    assert lines[two["assignmentId"]].startswith("reject")
+    assert (
+        f"repeat worker: took part first through assignment {one['assignmentId']}"
+        in (lines[two["assignmentId"]])
+    )
+    status, out, _ = await cli("hits", "review", str(path), "--approve-all", *endpoint)
+    assert status == 0 and "Approved 2, rejected 1" in out, out
+    statuses = {a.assignment_id: (a.status, a.feedback) for a in fake.assignments.values()}
+    assert statuses[one["assignmentId"]] == ("Approved", "Thank you for counting the balls!")
+    assert statuses[other["assignmentId"]][0] == "Approved"
+    status, feedback = statuses[two["assignmentId"]]
+    assert status == "Rejected" and feedback is not None
+    assert "Each worker may take part in this study only once" in feedback
+    assert rows(
+        tmp_path, "SELECT decision FROM reviews WHERE assignment_id = ?", two["assignmentId"]
+    ) == [("reject",)]
+
+
+@pytest.mark.parametrize(
+    ("this_batch", "other_batch", "same_hit", "excludes", "repeat"),
+    [
+        ("b", "b", False, False, True),  # another HIT of a split batch
+        ("b", "b", True, False, False),  # the same HIT: never a repeat
+        ("b", "c", False, True, True),  # b keeps out workers of c
+        ("b", "c", False, False, False),  # b excludes nobody
+    ],
+)
+def test_earlier_participation(this_batch, other_batch, same_hit, excludes, repeat):
+    this = Participation("A2", "H2", this_batch, submit_time=20.0, accept_time=5.0)
+    earlier = Participation("A1", "H2" if same_hit else "H1", other_batch, 10.0, 1.0)
+    later = Participation("A3", "H3", other_batch, 30.0, 1.0)
+    flags = {"b": excludes, "c": False}
+    assert earlier_participation(this, [this, later, earlier], flags) == (
+        earlier if repeat else None
+    )
+    # The first of a worker's assignments is never the repeat.
+    assert earlier_participation(earlier, [this, earlier, later], {"b": True, "c": True}) is None

@@ -179,9 +179,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
             saving = plan.cost.total - split_plan.cost.total
             print(
                 f"HITs of 10 or more assignments pay MTurk 40% instead of 20%. Split into HITs"
-                f" of at most {fees.SMALL_HIT_MAX} assignments (each worker still takes one"
-                f" per batch, through exclusion) to pay {fees.dollars(split_plan.cost.total)},"
-                f" saving {fees.dollars(saving)}; --split does it, --no-split keeps it."
+                f" of at most {fees.SMALL_HIT_MAX} assignments to pay"
+                f" {fees.dollars(split_plan.cost.total)}, saving {fees.dollars(saving)};"
+                " --split does it, --no-split keeps it. Each worker is still kept to one HIT"
+                " per batch: MTurk's exclusion takes effect for a worker once `hits sync` has"
+                " granted it, and until then the survey page turns away a worker's second HIT"
+                " and review pays only the first."
             )
             if target.live and not args.yes and ask("Split the batches? [y/N] "):
                 plan = split_plan
@@ -410,7 +413,11 @@ def add_commands(commands: Any) -> None:
         parents=[experiment],
         help="apply each kind's rule: right red counts, stored speed-test or tool reports",
     )
-    review.add_argument("--approve-all", action="store_true", help="approve every submission")
+    review.add_argument(
+        "--approve-all",
+        action="store_true",
+        help="approve every submission but a repeat worker's later ones",
+    )
     review.add_argument("--dry-run", action="store_true", help="print the decisions only")
     review.set_defaults(func=cmd_review)
 

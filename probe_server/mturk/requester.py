@@ -16,10 +16,11 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -184,6 +185,49 @@ class Decision:
     red_reported: int | None = None
     feedback: str | None = None
     error: str | None = None
+    # The worker's earlier assignment that makes this one a repeat, if any.
+    repeat_of: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Participation:
+    """One of a worker's assignments in the experiment, as sync recorded it."""
+
+    assignment_id: str
+    hit_id: str
+    batch: str
+    submit_time: float | None = None
+    accept_time: float | None = None
+
+    @property
+    def order(self) -> tuple[float, float, str]:
+        return (
+            math.inf if self.submit_time is None else self.submit_time,
+            math.inf if self.accept_time is None else self.accept_time,
+            self.assignment_id,
+        )
+
+
+def earlier_participation(
+    this: Participation,
+    others: Iterable[Participation],
+    exclude_other_batches: Mapping[str, bool],
+) -> Participation | None:
+    """The worker's first assignment before ``this`` on a HIT that ``this`` HIT excludes.
+
+    The rule of the "took part" qualifications, which MTurk enforces only
+    once sync has granted them: a HIT keeps out the workers of the other
+    HITs of its own batch (a split batch), and of every other batch when its
+    batch has ``exclude_other_batches``. "Before" is by submit time.
+    """
+    excluding = [
+        other
+        for other in others
+        if other.hit_id != this.hit_id
+        and (other.batch == this.batch or exclude_other_batches.get(this.batch, False))
+        and other.order < this.order
+    ]
+    return min(excluding, key=lambda other: other.order, default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +294,11 @@ WRONG_RED_COUNT = N_(
     " mistake, please write to us through MTurk."
 )
 THANKS_ALL = N_("Thank you for taking part!")
+REPEAT = N_(
+    "Thank you for taking part. Each worker may take part in this study only once, and you"
+    " had already submitted another of its HITs before this one, so we cannot approve this"
+    " HIT. Your first HIT is reviewed as usual."
+)
 
 
 @functools.cache
@@ -830,21 +879,89 @@ class Requester:
 
     # -- review ------------------------------------------------------------------------
 
+    async def _participations(self) -> dict[str, list[Participation]]:
+        """Every synced assignment of the experiment, by worker."""
+        names = [b.name for b in self.experiment.batches]
+        placeholders = ",".join("?" * len(names))
+        by_worker: dict[str, list[Participation]] = {}
+        for row in await self._rows(
+            "SELECT a.assignment_id, a.hit_id, a.worker_id, a.submit_time, a.accept_time,"
+            " h.batch FROM assignments a JOIN hits h ON h.hit_id = a.hit_id"
+            f" WHERE h.sandbox = ? AND h.batch IN ({placeholders})",
+            self.target.sandbox,
+            *names,
+        ):
+            by_worker.setdefault(row["worker_id"], []).append(
+                Participation(
+                    row["assignment_id"],
+                    row["hit_id"],
+                    row["batch"],
+                    row["submit_time"],
+                    row["accept_time"],
+                )
+            )
+        return by_worker
+
+    def _repeat(self, row: aiosqlite.Row, first: Participation) -> Decision:
+        """Reject a repeat worker's later assignment: the first one is the one paid."""
+        if first.batch == row["batch"]:
+            rule = f"another HIT ({first.hit_id}) of split batch {first.batch}"
+        else:
+            rule = f"batch {first.batch}, which batch {row['batch']} excludes"
+        return Decision(
+            row["assignment_id"],
+            row["worker_id"],
+            row["batch"],
+            "reject",
+            f"repeat worker: took part first through assignment {first.assignment_id} in {rule};"
+            " only the first is paid",
+            feedback=worker_feedback(row["language"], REPEAT),
+            repeat_of=first.assignment_id,
+        )
+
     async def decisions(self, *, approve_all: bool = False) -> list[Decision]:
-        """What review would do with every submitted, not yet reviewed assignment."""
+        """What review would do with every submitted, not yet reviewed assignment.
+
+        A worker who took part through an assignment that this one's HIT
+        excludes (:func:`earlier_participation`: possible before sync granted
+        the exclusion) has their later assignments rejected, with feedback
+        that says why, even with ``approve_all``; the first is reviewed as
+        any other.
+        """
         names = [b.name for b in self.experiment.batches]
         placeholders = ",".join("?" * len(names))
         rows = await self._rows(
-            "SELECT a.assignment_id, a.worker_id, a.answers, h.batch, b.kind, b.language"
-            " FROM assignments a"
+            "SELECT a.assignment_id, a.hit_id, a.worker_id, a.submit_time, a.accept_time,"
+            " a.answers, h.batch, b.kind, b.language FROM assignments a"
             " JOIN hits h ON h.hit_id = a.hit_id JOIN batches b ON b.name = h.batch"
             f" WHERE a.status = 'Submitted' AND h.sandbox = ? AND h.batch IN ({placeholders})"
             " ORDER BY a.submit_time, a.assignment_id",
             self.target.sandbox,
             *names,
         )
+        participations = await self._participations()
+        exclude_other_batches = {
+            r["name"]: bool(r["exclude_other_batches"])
+            for r in await self._rows(
+                f"SELECT name, exclude_other_batches FROM batches WHERE name IN ({placeholders})",
+                *names,
+            )
+        }
         decisions = []
         for row in rows:
+            this = Participation(
+                row["assignment_id"],
+                row["hit_id"],
+                row["batch"],
+                row["submit_time"],
+                row["accept_time"],
+            )
+            first = earlier_participation(
+                this, participations.get(row["worker_id"], []), exclude_other_batches
+            )
+            if first is not None:
+                decisions.append(self._repeat(row, first))
+                continue
             answers = json.loads(row["answers"] or "{}")
             sessions = [
                 SessionFacts(
@@ -855,7 +972,7 @@ class Requester:
                     " (SELECT count(*) FROM speedtest_reports r WHERE r.session_token = s.token)"
                     " + (SELECT count(*) FROM tool_reports r WHERE r.session_token = s.token)"
                     " AS reports FROM sessions s WHERE s.token = ? OR s.assignment_id = ?",
-                    answers.get("token", ""),
+                    answers.get("token", "").strip(),
                     row["assignment_id"],
                 )
             ]
