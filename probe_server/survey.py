@@ -341,4 +341,25 @@ def parse_tool_report(form: Mapping[str, str], config: ToolConfig) -> str:
             tool=config.name,
             example=config.report_example,
         )
+    if is_example(raw, config.report_example):
+        # The example matches the pattern by design (the config checks it).
+        raise BadInput(
+            N_(
+                "This is the example from this page. Please paste the report id that %(tool)s"
+                " showed you when you ran it."
+            ),
+            tool=config.name,
+        )
     return raw
+
+
+def is_example(report: str, example: str) -> bool:
+    """The report is the example, or the example's id without its prefix.
+
+    ``1234567`` is the id of ``...report.php?sessionid=1234567``: both match
+    the default pattern, and neither is a worker's own report.
+    """
+    if report == example:
+        return True
+    cut = len(example) - len(report)
+    return cut > 0 and example.endswith(report) and not example[cut - 1].isalnum()

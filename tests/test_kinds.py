@@ -35,7 +35,8 @@ GOOD = {
     "download-cloudflare": "120",
     "upload-cloudflare": "12.5",
 }
-REPORT = "https://spoofer.caida.org/report.php?sessionid=1234567"
+REPORT = "https://spoofer.caida.org/report.php?sessionid=8675309"
+EXAMPLE = "https://spoofer.caida.org/report.php?sessionid=1234567"  # on the page
 LINK = re.compile(r'<a href="([^"]+)" target="_blank" rel="noopener noreferrer">([^<]+)</a>')
 NAMED_INPUT = re.compile(r'<input type="text"[^>]* name="([^"]+)"')
 
@@ -229,6 +230,10 @@ async def test_tool_page_links_the_download_and_stores_a_valid_report(server, ht
         ("https://evil.example/report.php?sessionid=1", "does not look like"),
         (REPORT + "&x=<script>", "does not look like"),
         ("1" * 300, "does not look like"),
+        # The example on the page matches the pattern: not a worker's report.
+        (EXAMPLE, "This is the example from this page."),
+        (f" {EXAMPLE} ", "This is the example from this page."),
+        ("1234567", "This is the example from this page."),
     ],
 )
 async def test_bad_tool_reports_are_refused(server, http, db, report, message):
@@ -254,6 +259,7 @@ async def test_tool_pattern_comes_from_the_config(make_config, http, db):
         page, text = await open_page(http, server, "?survey=tool")
         assert "https://tool.example/download" in text and "PT-123456" in text
         assert (await post(http, server, {"token": page.token, "report": REPORT}))[0] == 400
+        assert (await post(http, server, {"token": page.token, "report": "PT-123456"}))[0] == 400
         assert (await post(http, server, {"token": page.token, "report": "PT-000042"}))[0] == 200
     finally:
         await server.stop()
@@ -282,6 +288,22 @@ async def test_pages_in_the_batch_language(server, http, db, query, language, he
     assert db("SELECT language FROM sessions")[0][0] == language
     # The form carries the language, for errors before the session is found.
     assert f'<input type="hidden" name="lang" value="{language}">' in text
+
+
+async def test_the_example_report_is_refused_in_the_page_language(server, http, db):
+    page, _ = await open_page(http, server, "?survey=tool&lang=tr")
+    status, text = await post(http, server, {"token": page.token, "report": EXAMPLE})
+    assert status == 400 and '<html lang="tr"' in text
+    assert "Bu, bu sayfadaki örnektir." in html.unescape(text)
+    assert stored(db) == (0, 0, 0)
+
+
+def test_what_counts_as_the_example():
+    example = "https://spoofer.caida.org/report.php?sessionid=1234567"
+    assert survey.is_example(example, example) and survey.is_example("1234567", example)
+    assert not survey.is_example("234567", example)  # a different id, not a cut at "="
+    assert not survey.is_example("12345678", example)
+    assert survey.is_example("123456", "PT-123456") and not survey.is_example("PT-1", "PT-123456")
 
 
 async def test_errors_are_in_the_session_language(server, http, db):

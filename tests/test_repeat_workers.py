@@ -8,7 +8,6 @@ split batch, or HITs of two batches that exclude each other.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +23,6 @@ from .test_requester import cli, rows
 from .test_web import Page
 
 REPEAT_HEADING = "<h1>You have already taken part in this study</h1>"
-
-
-@pytest.fixture
-async def probe(make_config, fake_mturk) -> AsyncIterator[ProbeServer]:
-    """The probe server, allowed to hand answers on to the fake's worker site."""
-    server = ProbeServer(make_config(mturk={"rehearsal_worker_sites": [fake_mturk.url]}))
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def experiment(tmp_path: Path, server: ProbeServer, *batches: str) -> Path:
@@ -76,9 +64,9 @@ async def open_task(http: aiohttp.ClientSession, url: str) -> str:
 
 
 async def test_the_second_hit_of_a_split_batch_is_refused_before_any_sync(
-    tmp_path, probe, fake_mturk, http, db
+    tmp_path, turk_server, fake_mturk, http, db
 ):
-    path = experiment(tmp_path, probe, 'name = "b"\nreward = "0.05"\nassignments = 10')
+    path = experiment(tmp_path, turk_server, 'name = "b"\nreward = "0.05"\nassignments = 10')
     (first, second) = (await publish(path, fake_mturk, "--split"))["b"]
     # Nobody has been synced yet: MTurk lets the worker accept both HITs.
     one = await accept(http, fake_mturk, first, "AREPEAT")
@@ -101,11 +89,11 @@ async def test_the_second_hit_of_a_split_batch_is_refused_before_any_sync(
 
 
 async def test_batches_that_exclude_each_other_and_one_that_does_not(
-    tmp_path, probe, fake_mturk, http, db
+    tmp_path, turk_server, fake_mturk, http, db
 ):
     path = experiment(
         tmp_path,
-        probe,
+        turk_server,
         'name = "open"\nreward = "0.05"\nassignments = 3',
         'name = "closed"\nreward = "0.05"\nassignments = 3\nlanguage = "ja"\n'
         "exclude_other_batches = true",
@@ -141,15 +129,15 @@ async def answer(http: aiohttp.ClientSession, server: ProbeServer, page: Page) -
 
 
 async def test_review_pays_a_repeat_worker_once_even_with_approve_all(
-    tmp_path, probe, fake_mturk, http
+    tmp_path, turk_server, fake_mturk, http
 ):
-    path = experiment(tmp_path, probe, 'name = "b"\nreward = "0.05"\nassignments = 10')
+    path = experiment(tmp_path, turk_server, 'name = "b"\nreward = "0.05"\nassignments = 10')
     (first, second) = (await publish(path, fake_mturk, "--split"))["b"]
     fake = fake_mturk.fake
     one = await accept(http, fake_mturk, first, "AREPEAT")
     two = await accept(http, fake_mturk, second, "AREPEAT")
     other = await accept(http, fake_mturk, second, "AOTHER")
-    fields = await answer(http, probe, Page(await open_task(http, one["url"])))
+    fields = await answer(http, turk_server, Page(await open_task(http, one["url"])))
     fake.advance(60)
     # The second HIT's page refused them; they post its form to MTurk anyway,
     # with the answer of their first page.
@@ -160,7 +148,7 @@ async def test_review_pays_a_repeat_worker_once_even_with_approve_all(
     ) as response:
         assert response.status == 200
     fake.advance(60)
-    await answer(http, probe, Page(await open_task(http, other["url"])))
+    await answer(http, turk_server, Page(await open_task(http, other["url"])))
     endpoint = ("--endpoint-url", fake_mturk.url)
     assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
 

@@ -239,6 +239,9 @@ class SessionFacts:
     # the server stored for it (it stores only valid ones).
     survey: str = "balls"
     reports: int = 0
+    # Who sent the session's report before it (another assignment, or a
+    # session outside MTurk), if anyone did: a report id copied, not earned.
+    reused_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +297,11 @@ WRONG_RED_COUNT = N_(
     " mistake, please write to us through MTurk."
 )
 THANKS_ALL = N_("Thank you for taking part!")
+REUSED_REPORT = N_(
+    "Thank you for taking part. The report id in your answer had already been sent to us by"
+    " another worker, so it cannot be the report of your own run of the tool, and we cannot"
+    " approve this HIT. If you think this is a mistake, please write to us through MTurk."
+)
 REPEAT = N_(
     "Thank you for taking part. Each worker may take part in this study only once, and you"
     " had already submitted another of its HITs before this one, so we cannot approve this"
@@ -323,6 +331,15 @@ def _decide_reports(base: Decision, session: SessionFacts, language: str) -> Dec
     """
     what = REPORTS[session.survey]
     base = replace(base, session_token=session.token)
+    if session.reports > 0 and session.reused_by and session.survey == "tool":
+        # A tool's report id is the proof of a run: the same id from two
+        # workers is one run, and the first to send it made it.
+        return replace(
+            base,
+            action="reject",
+            reason=f"the report id was sent first by {session.reused_by}",
+            feedback=worker_feedback(language, REUSED_REPORT),
+        )
     if session.reports > 0:
         return replace(
             base,
@@ -413,6 +430,27 @@ def decide(
             language, WRONG_RED_COUNT, shown=session.red_count, reported=reported
         ),
     )
+
+
+# The sessions an assignment may have answered, with what review needs of
+# them. reused_by: the first stored report id of a tool session was stored
+# earlier by another session not of the same assignment (a reload of the
+# page makes a new session of the same assignment; that is not reuse).
+SESSION_FACTS = (
+    "SELECT s.token, s.assignment_id, s.red_count, s.survey,"
+    " (SELECT count(*) FROM speedtest_reports r WHERE r.session_token = s.token)"
+    " + (SELECT count(*) FROM tool_reports r WHERE r.session_token = s.token) AS reports,"
+    " (SELECT coalesce('assignment ' || os.assignment_id || ' of worker ' || os.worker_id,"
+    "   'session ' || os.token)"
+    "  FROM tool_reports f JOIN tool_reports o ON o.report = f.report AND o.id < f.id"
+    "  JOIN sessions os ON os.token = o.session_token"
+    "  WHERE f.id = (SELECT min(x.id) FROM tool_reports x WHERE x.session_token = s.token)"
+    "  AND o.session_token <> s.token"
+    "  AND (os.assignment_id IS NULL OR s.assignment_id IS NULL"
+    "   OR os.assignment_id <> s.assignment_id)"
+    "  ORDER BY o.id LIMIT 1) AS reused_by"
+    " FROM sessions s WHERE s.token = ? OR s.assignment_id = ?"
+)
 
 
 # -- the workflow ------------------------------------------------------------------
@@ -965,15 +1003,15 @@ class Requester:
             answers = json.loads(row["answers"] or "{}")
             sessions = [
                 SessionFacts(
-                    s["token"], s["assignment_id"], s["red_count"], s["survey"], s["reports"]
+                    s["token"],
+                    s["assignment_id"],
+                    s["red_count"],
+                    s["survey"],
+                    s["reports"],
+                    s["reused_by"],
                 )
                 for s in await self._rows(
-                    "SELECT s.token, s.assignment_id, s.red_count, s.survey,"
-                    " (SELECT count(*) FROM speedtest_reports r WHERE r.session_token = s.token)"
-                    " + (SELECT count(*) FROM tool_reports r WHERE r.session_token = s.token)"
-                    " AS reports FROM sessions s WHERE s.token = ? OR s.assignment_id = ?",
-                    answers.get("token", "").strip(),
-                    row["assignment_id"],
+                    SESSION_FACTS, answers.get("token", "").strip(), row["assignment_id"]
                 )
             ]
             decision = decide(
