@@ -786,11 +786,23 @@ class FakeMTurk:
 
     def external_submit(self, fields: list[tuple[str, str]]) -> Assignment:
         """What the worker site does with a HIT's form: store the answers, mark it submitted."""
-        self._settle()
         assignment_ids = [value for name, value in fields if name == "assignmentId"]
         if len(assignment_ids) != 1:
             raise WorkerRefused("the form must carry exactly one assignmentId")
-        assignment = self.assignments.get(assignment_ids[0])
+        answer = question_form_answers(
+            (name, value) for name, value in fields if name != "assignmentId"
+        )
+        return self.submit_answer(assignment_ids[0], answer)
+
+    def submit_answer(self, assignment_id: str, answer: str) -> Assignment:
+        """Submit an accepted assignment with ``answer`` as its Answer, exactly as given.
+
+        externalSubmit builds the QuestionFormAnswers XML from a form; a test
+        (or ``/_fake/submit-answer``) can give any text instead: MTurk's own
+        formatting, or something no parser should trust.
+        """
+        self._settle()
+        assignment = self.assignments.get(assignment_id)
         if assignment is None:
             raise WorkerRefused("there is no such assignment")
         if assignment.status == "Abandoned":
@@ -799,9 +811,7 @@ class FakeMTurk:
             raise WorkerRefused("this assignment has already been submitted")
         hit = self.hits[assignment.hit_id]
         now = self.now()
-        assignment.answer = question_form_answers(
-            (name, value) for name, value in fields if name != "assignmentId"
-        )
+        assignment.answer = answer
         assignment.status = "Submitted"
         assignment.submit_time = now
         assignment.auto_approval_time = now + hit.auto_approval_delay
@@ -965,6 +975,20 @@ async def sim_accept(request: web.Request) -> web.Response:
     return web.json_response({"assignmentId": assignment.assignment_id, "url": url})
 
 
+async def sim_submit_answer(request: web.Request) -> web.Response:
+    """Simulated worker: submit an accepted assignment with this Answer text, verbatim."""
+    fake = request.app[fake_key]
+    body = await _json_body(request)
+    answer = body.get("answer")
+    if not isinstance(answer, str):
+        raise web.HTTPBadRequest(text="answer: the QuestionFormAnswers text\n")
+    try:
+        assignment = fake.submit_answer(str(body.get("assignmentId", "")), answer)
+    except WorkerRefused as e:
+        return _refusal_json(e)
+    return web.json_response({"assignmentId": assignment.assignment_id})
+
+
 async def sim_clock(request: web.Request) -> web.Response:
     """Move the fake's clock forward by ``advance`` seconds."""
     fake = request.app[fake_key]
@@ -1008,6 +1032,7 @@ def create_fake_app(fake: FakeMTurk) -> web.Application:
     app.router.add_post("/mturk/externalSubmit", external_submit)
     app.router.add_post("/_fake/preview", sim_preview)
     app.router.add_post("/_fake/accept", sim_accept)
+    app.router.add_post("/_fake/submit-answer", sim_submit_answer)
     app.router.add_post("/_fake/clock", sim_clock)
     return app
 

@@ -55,6 +55,7 @@ LONG_AGO = datetime(2015, 1, 1, tzinfo=UTC)
 LISTED_STATUSES = ["Submitted", "Approved", "Rejected"]
 HIT_ID = re.compile(r"\b(?=[A-Z0-9]*[A-Z])[A-Z0-9]{20,64}\b")
 MAX_FEEDBACK = 1024
+MAX_ANSWER_ERROR = 500
 
 
 @asynccontextmanager
@@ -838,13 +839,15 @@ class Requester:
             for row in hits:
                 rows = []
                 async for a in self._assignments_of(row["hit_id"]):
+                    error = None
                     try:
                         answers = parse_answers(a.get("Answer") or "<QuestionFormAnswers/>")
                     except BadXML as e:
+                        error = str(e)[:MAX_ANSWER_ERROR]
                         log.warning(
                             "event=unreadable_answer assignment=%s error=%r",
                             a["AssignmentId"],
-                            str(e),
+                            error,
                         )
                         answers = {}
                     review_time = a.get("ApprovalTime") or a.get("RejectionTime")
@@ -858,6 +861,7 @@ class Requester:
                             _t(a.get("SubmitTime")),
                             _t(review_time),
                             json.dumps(answers, sort_keys=True),
+                            error,
                             now,
                         )
                     )
@@ -873,11 +877,12 @@ class Requester:
                 async with self._transaction():
                     await self.db.executemany(
                         "INSERT INTO assignments (assignment_id, hit_id, worker_id, status,"
-                        " accept_time, submit_time, review_time, answers, synced)"
-                        " VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (assignment_id) DO UPDATE SET"
+                        " accept_time, submit_time, review_time, answers, answer_error, synced)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (assignment_id) DO UPDATE SET"
                         " status = excluded.status, accept_time = excluded.accept_time,"
                         " submit_time = excluded.submit_time, review_time = excluded.review_time,"
-                        " answers = excluded.answers, synced = excluded.synced",
+                        " answers = excluded.answers, answer_error = excluded.answer_error,"
+                        " synced = excluded.synced",
                         rows,
                     )
                 bar.update(1)
@@ -957,6 +962,42 @@ class Requester:
             repeat_of=first.assignment_id,
         )
 
+    async def _judge(self, row: aiosqlite.Row) -> Decision:
+        """The kind's rule for an assignment that is not a repeat."""
+        if row["answer_error"] is not None:
+            # Our parser's failure, not the worker's: a person looks at it.
+            return Decision(
+                row["assignment_id"],
+                row["worker_id"],
+                row["batch"],
+                "skip",
+                f"MTurk's answer could not be read ({row['answer_error']}); see the"
+                " assignment in the requester site",
+            )
+        answers = json.loads(row["answers"] or "{}")
+        sessions = [
+            SessionFacts(
+                s["token"],
+                s["assignment_id"],
+                s["red_count"],
+                s["survey"],
+                s["reports"],
+                s["reused_by"],
+            )
+            for s in await self._rows(
+                SESSION_FACTS, answers.get("token", "").strip(), row["assignment_id"]
+            )
+        ]
+        return decide(
+            row["assignment_id"],
+            row["worker_id"],
+            row["batch"],
+            answers,
+            sessions,
+            kind=row["kind"],
+            language=row["language"],
+        )
+
     async def decisions(self, *, approve_all: bool = False) -> list[Decision]:
         """What review would do with every submitted, not yet reviewed assignment.
 
@@ -970,7 +1011,7 @@ class Requester:
         placeholders = ",".join("?" * len(names))
         rows = await self._rows(
             "SELECT a.assignment_id, a.hit_id, a.worker_id, a.submit_time, a.accept_time,"
-            " a.answers, h.batch, b.kind, b.language FROM assignments a"
+            " a.answers, a.answer_error, h.batch, b.kind, b.language FROM assignments a"
             " JOIN hits h ON h.hit_id = a.hit_id JOIN batches b ON b.name = h.batch"
             f" WHERE a.status = 'Submitted' AND h.sandbox = ? AND h.batch IN ({placeholders})"
             " ORDER BY a.submit_time, a.assignment_id",
@@ -1000,29 +1041,7 @@ class Requester:
             if first is not None:
                 decisions.append(self._repeat(row, first))
                 continue
-            answers = json.loads(row["answers"] or "{}")
-            sessions = [
-                SessionFacts(
-                    s["token"],
-                    s["assignment_id"],
-                    s["red_count"],
-                    s["survey"],
-                    s["reports"],
-                    s["reused_by"],
-                )
-                for s in await self._rows(
-                    SESSION_FACTS, answers.get("token", "").strip(), row["assignment_id"]
-                )
-            ]
-            decision = decide(
-                row["assignment_id"],
-                row["worker_id"],
-                row["batch"],
-                answers,
-                sessions,
-                kind=row["kind"],
-                language=row["language"],
-            )
+            decision = await self._judge(row)
             if approve_all and decision.action != "approve":
                 decision = replace(
                     decision,
