@@ -217,6 +217,9 @@ class SpeedTest(_Model):
     url: HttpsUrl
     # Hosts a "share results" link may be on; empty: the test has no share link.
     share_hosts: tuple[Host, ...] = ()
+    # Whether the worker must give the share link (the proof that they ran
+    # the test); default: yes when the test has share_hosts.
+    share_required: bool | None = None
 
     @field_validator("id")
     @classmethod
@@ -226,6 +229,17 @@ class SpeedTest(_Model):
                 f"use 1-32 of a-z, 0-9 and '-' (starting with a letter or digit), got {value!r}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _share(self) -> SpeedTest:
+        if self.share_required and not self.share_hosts:
+            raise ValueError("share_required: needs share_hosts, the hosts its links are on")
+        return self
+
+    @property
+    def requires_share(self) -> bool:
+        """The page asks for a share link and refuses a report without one."""
+        return bool(self.share_hosts) if self.share_required is None else self.share_required
 
 
 # The paper's tools (§3.1): an Ookla-based site, M-Lab's NDT, and others; the

@@ -281,9 +281,18 @@ def share_link(raw: str | None, test: SpeedTest) -> str | None:
     The link is parsed, never fetched. Its host must be exactly one of the
     test's share_hosts, with no user name, password or port: a link to
     any other site (or one that merely contains the host's name) is refused.
+    A test that requires it (``share_required``, by default any test with
+    share_hosts) refuses a report without one.
     """
     raw = (raw or "").strip()
-    if not raw or not test.share_hosts:
+    if not test.share_hosts:
+        return None
+    if not raw:
+        if test.requires_share:
+            raise BadInput(
+                N_("Please paste the link to share the result that %(test)s gave you."),
+                test=test.name,
+            )
         return None
     bad = BadInput(
         N_("The share link of %(test)s must be an https:// link on %(hosts)s."),

@@ -86,6 +86,9 @@ async def test_speedtest_page_lists_the_tests_and_probes_both_families(server, h
         "download-cloudflare",
         "upload-cloudflare",
     ]
+    # The share link is required: the browser says so before the server does.
+    assert re.search(r'name="share-ookla"[^>]* required>', text)
+    assert "Link to share the result:" in text and "(if the site gives one)" not in text
     # The passive dual-stack probe: one hidden red and one hidden blue image.
     assert len(page.red) == 1 and len(page.blue) == 1
     assert '<div class="probe" aria-hidden="true">' in text
@@ -147,6 +150,9 @@ BAD_SPEEDTESTS = [
     ({"download-ndt": "inf"}, "The download speed"),
     ({"download-ndt": "٣"}, "The download speed"),  # an Arabic-Indic digit
     ({"download-ndt": "94.5 Mbps"}, "The download speed"),
+    # Ookla has share_hosts, so its share link is required (share_required's default).
+    ({"share-ookla": ""}, "Please paste the link to share the result that Speedtest by Ookla"),
+    ({"share-ookla": "  "}, "Please paste the link to share the result that Speedtest by Ookla"),
     ({"share-ookla": "https://evil.example/result/1"}, "must be an https:// link on"),
     ({"share-ookla": "http://www.speedtest.net/result/1"}, "https:// link on www.speedtest.net"),
     ({"share-ookla": "https://www.speedtest.net@evil.example/"}, "https:// link"),
@@ -356,6 +362,35 @@ def test_speeds_as_written_are_read_back(value):
     assert survey.parse_speed(text.replace(".", ","), "upload", NDT, 10000) == pytest.approx(value)
 
 
+async def test_a_share_link_can_be_made_optional(make_config, http, db):
+    config = make_config(
+        speedtest={
+            "tests": [
+                {
+                    "id": "ookla",
+                    "name": "Speedtest by Ookla",
+                    "url": "https://www.speedtest.net/",
+                    "share_hosts": ["www.speedtest.net"],
+                    "share_required": False,
+                }
+            ]
+        }
+    )
+    server = ProbeServer(config)
+    await server.start()
+    try:
+        page, text = await open_page(http, server, "?survey=speedtest")
+        assert "Link to share the result (if the site gives one):" in text
+        assert not re.search(r'name="share-ookla"[^>]* required', text)
+        form = {"token": page.token, "download-ookla": "50", "upload-ookla": "5"}
+        assert (await post(http, server, form))[0] == 200
+    finally:
+        await server.stop()
+    assert [tuple(r) for r in db("SELECT test, share_url FROM speedtest_reports")] == [
+        ("ookla", None)
+    ]
+
+
 def test_a_test_without_share_hosts_ignores_a_share_field():
     config = SpeedTestConfig(tests=(NDT,), max_mbps=100)
     form = {"download-ndt": "5", "upload-ndt": "1", "share-ndt": "https://evil.example/"}
@@ -372,6 +407,9 @@ def test_config_refuses_bad_pages():
         SpeedTestConfig(tests=(NDT, NDT))
     with pytest.raises(ValidationError, match="https"):
         SpeedTest(id="x", name="X", url="http://x.example/")
+    with pytest.raises(ValidationError, match="share_required: needs share_hosts"):
+        SpeedTest(id="x", name="X", url="https://x.example/", share_required=True)
+    assert OOKLA.requires_share and not NDT.requires_share
     with pytest.raises(ValidationError, match="host name"):
         SpeedTest(id="x", name="X", url="https://x.example/", share_hosts=("https://x.example",))
     with pytest.raises(ValidationError, match="report_example"):

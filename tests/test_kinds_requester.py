@@ -162,10 +162,12 @@ def test_review_rule_per_kind(kind, session, action, reason):
         (SessionFacts("t", "A1", 1, "tool", 1, None), "approve", "tool report stored"),
         # Nothing stored: the usual rejection, whoever sent what.
         (SessionFacts("t", "A1", 1, "tool", 0, "session x"), "reject", "no valid tool report"),
+        # A share link seen before: left for a person.
+        (SessionFacts("t", "A1", 1, "speedtest", 3, "session x"), "skip", "share link was sent"),
     ],
 )
 def test_a_report_id_sent_first_by_another_session(session, action, reason):
-    decision = decide("A1", "AW", "b", {"token": "t"}, [session], kind="tool")
+    decision = decide("A1", "AW", "b", {"token": "t"}, [session], kind=session.survey)
     assert (decision.action, reason in decision.reason) == (action, True)
 
 
@@ -205,3 +207,46 @@ async def report_tool(
     if hand_on:
         async with http.post(action, data=fields) as response:
             assert response.status == 200
+
+
+async def test_review_leaves_a_share_link_another_worker_sent_first(
+    tmp_path, turk_server, fake_mturk, http
+):
+    path = experiment(tmp_path, turk_server, 'name = "b"\nreward = "0.20"\nassignments = 3')
+    path.write_text(
+        path.read_text().replace('name = "repeat"', 'name = "speeds"\nkind = "speedtest"')
+    )
+    (hit_id,) = (await publish(path, fake_mturk))["b"]
+    speeds = {
+        f"{d}-{t}": "20" for d in ("download", "upload") for t in ("ookla", "ndt", "cloudflare")
+    }
+    share = {"share-ookla": "https://www.speedtest.net/result/777"}
+    assigned = []
+    for worker, link in (
+        ("AFIRST", share),
+        ("ACOPIER", share),
+        ("AOWN", {"share-ookla": share["share-ookla"] + "8"}),
+    ):
+        assignment = await accept(http, fake_mturk, hit_id, worker)
+        page = Page(await open_task(http, assignment["url"]))
+        async with http.post(
+            f"{turk_server.base_urls['ipv4']}/submit",
+            data={"token": page.token, **speeds, **link},
+        ) as response:
+            assert response.status == 200
+            action, fields = handoff_of(await response.text())
+        async with http.post(action, data=fields) as response:
+            assert response.status == 200
+        assigned.append(assignment["assignmentId"])
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
+    status, out, _ = await cli("hits", "review", str(path), *endpoint)
+    assert status == 0 and "Approved 2, rejected 0, left 1" in out, out
+    first, copier, own = assigned
+    statuses = {a.assignment_id: a.status for a in fake_mturk.fake.assignments.values()}
+    assert (statuses[first], statuses[copier], statuses[own]) == (
+        "Approved",
+        "Submitted",
+        "Approved",
+    )
+    assert f"a share link was sent first by assignment {first} of worker AFIRST" in out

@@ -341,6 +341,11 @@ def _decide_reports(base: Decision, session: SessionFacts, language: str) -> Dec
             reason=f"the report id was sent first by {session.reused_by}",
             feedback=worker_feedback(language, REUSED_REPORT),
         )
+    if session.reports > 0 and session.reused_by:
+        # A share link is one run's result page: the same link from two
+        # workers is likely a copy, but their speeds may still be their own
+        # (a link pasted from someone else's run by mistake); a person decides.
+        return replace(base, reason=f"a share link was sent first by {session.reused_by}")
     if session.reports > 0:
         return replace(
             base,
@@ -434,22 +439,34 @@ def decide(
 
 
 # The sessions an assignment may have answered, with what review needs of
-# them. reused_by: the first stored report id of a tool session was stored
-# earlier by another session not of the same assignment (a reload of the
-# page makes a new session of the same assignment; that is not reuse).
+# them. reused_by: the session's first stored report (a tool's report id,
+# or a share link of its first speed-test submission) was stored earlier by
+# another session not of the same assignment (a reload of the page makes a
+# new session of the same assignment; that is not reuse).
+_OTHER_SESSION = (
+    " JOIN sessions os ON os.token = o.session_token"
+    " WHERE o.session_token <> s.token AND (os.assignment_id IS NULL"
+    " OR s.assignment_id IS NULL OR os.assignment_id <> s.assignment_id)"
+)
+_WHO = (
+    "coalesce('assignment ' || os.assignment_id || ' of worker ' || os.worker_id,"
+    " 'session ' || os.token)"
+)
 SESSION_FACTS = (
     "SELECT s.token, s.assignment_id, s.red_count, s.survey,"
     " (SELECT count(*) FROM speedtest_reports r WHERE r.session_token = s.token)"
     " + (SELECT count(*) FROM tool_reports r WHERE r.session_token = s.token) AS reports,"
-    " (SELECT coalesce('assignment ' || os.assignment_id || ' of worker ' || os.worker_id,"
-    "   'session ' || os.token)"
-    "  FROM tool_reports f JOIN tool_reports o ON o.report = f.report AND o.id < f.id"
-    "  JOIN sessions os ON os.token = o.session_token"
-    "  WHERE f.id = (SELECT min(x.id) FROM tool_reports x WHERE x.session_token = s.token)"
-    "  AND o.session_token <> s.token"
-    "  AND (os.assignment_id IS NULL OR s.assignment_id IS NULL"
-    "   OR os.assignment_id <> s.assignment_id)"
-    "  ORDER BY o.id LIMIT 1) AS reused_by"
+    f" coalesce((SELECT {_WHO}"
+    " FROM tool_reports f JOIN tool_reports o ON o.report = f.report AND o.id < f.id"
+    f"{_OTHER_SESSION}"
+    " AND f.id = (SELECT min(x.id) FROM tool_reports x WHERE x.session_token = s.token)"
+    " ORDER BY o.id LIMIT 1),"
+    f" (SELECT {_WHO}"
+    " FROM speedtest_reports f JOIN speedtest_reports o ON o.share_url = f.share_url"
+    f" AND o.id < f.id{_OTHER_SESSION}"
+    " AND f.session_token = s.token"
+    " AND f.t = (SELECT min(x.t) FROM speedtest_reports x WHERE x.session_token = s.token)"
+    " ORDER BY o.id LIMIT 1)) AS reused_by"
     " FROM sessions s WHERE s.token = ? OR s.assignment_id = ?"
 )
 
