@@ -260,7 +260,10 @@ class SpeedTestConfig(_Model):
     """The speedtest page (experiment kind "speedtest")."""
 
     tests: tuple[SpeedTest, ...] = Field(default=DEFAULT_SPEED_TESTS, min_length=1, max_length=10)
-    # Reported speeds must be above 0 and at most this many Mbit/s.
+    # Reported speeds must be at least min_mbps and at most max_mbps (Mbit/s).
+    # The floor keeps out slips such as 0.001 (a typo, or a speed in Gbit/s);
+    # the slowest line worth measuring, a dial-up modem, still manages 0.05.
+    min_mbps: float = Field(default=0.05, gt=0, le=1000)
     max_mbps: float = Field(default=10000.0, gt=0, le=1_000_000)
 
     @model_validator(mode="after")
@@ -269,6 +272,8 @@ class SpeedTestConfig(_Model):
         for test_id in ids:
             if ids.count(test_id) > 1:
                 raise ValueError(f"tests: the id {test_id!r} is used twice")
+        if self.min_mbps >= self.max_mbps:
+            raise ValueError("min_mbps: must be below max_mbps")
         return self
 
 

@@ -247,31 +247,37 @@ _SPEED_MISSING = {
 }
 _SPEED_BAD = {
     "download": N_(
-        "The download speed of %(test)s must be a number above 0 and at most %(max)s Mbit/s,"
+        "The download speed of %(test)s must be a number from %(min)s to %(max)s Mbit/s,"
         " such as 94.5."
     ),
     "upload": N_(
-        "The upload speed of %(test)s must be a number above 0 and at most %(max)s Mbit/s,"
+        "The upload speed of %(test)s must be a number from %(min)s to %(max)s Mbit/s,"
         " such as 11.8."
     ),
 }
 
 
-def _max_text(value: float) -> str:
-    return f"{value:g}"
+def speed_text(value: float) -> str:
+    """A speed as the pages show it and the hand-off sends it: 94.5, 10, 0.05.
+
+    Never an exponent (``f"{1234567.0:g}"`` is ``1.23457e+06``): the value
+    has at most three decimals, as the form accepts them.
+    """
+    return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
-def parse_speed(raw: str | None, direction: str, test: SpeedTest, max_mbps: float) -> float:
-    """A speed in Mbit/s as the worker typed it ("94.5" or "94,5")."""
+def parse_speed(raw: str | None, direction: str, test: SpeedTest, low: float, high: float) -> float:
+    """A speed in Mbit/s as the worker typed it ("94.5" or "94,5"), from low to high."""
     raw = (raw or "").strip()
     if not raw:
         raise BadInput(_SPEED_MISSING[direction], test=test.name)
+    bad = BadInput(_SPEED_BAD[direction], test=test.name, min=speed_text(low), max=speed_text(high))
     match = _SPEED.fullmatch(raw) if raw.isascii() else None
     if match is None:
-        raise BadInput(_SPEED_BAD[direction], test=test.name, max=_max_text(max_mbps))
+        raise bad
     value = float(f"{match.group(1)}.{match.group(2) or '0'}")
-    if not 0 < value <= max_mbps:
-        raise BadInput(_SPEED_BAD[direction], test=test.name, max=_max_text(max_mbps))
+    if not low <= value <= high:
+        raise bad
     return value
 
 
@@ -328,8 +334,12 @@ def parse_speedtests(form: Mapping[str, str], config: SpeedTestConfig) -> list[S
             SpeedReport(
                 test=test.id,
                 name=test.name,
-                download_mbps=parse_speed(form.get(download), "download", test, config.max_mbps),
-                upload_mbps=parse_speed(form.get(upload), "upload", test, config.max_mbps),
+                download_mbps=parse_speed(
+                    form.get(download), "download", test, config.min_mbps, config.max_mbps
+                ),
+                upload_mbps=parse_speed(
+                    form.get(upload), "upload", test, config.min_mbps, config.max_mbps
+                ),
                 share_url=share_link(form.get(share), test),
             )
         )

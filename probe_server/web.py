@@ -321,7 +321,8 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
     }
     if visit.survey == "speedtest":
         context["tests"] = [(test, survey.field_names(test)) for test in config.speedtest.tests]
-        context["max_mbps"] = f"{config.speedtest.max_mbps:g}"
+        context["min_mbps"] = survey.speed_text(config.speedtest.min_mbps)
+        context["max_mbps"] = survey.speed_text(config.speedtest.max_mbps)
     elif visit.survey == "tool":
         context["tool"] = config.tool
     csp = SURVEY_CSP if visit.survey == "balls" else ""

@@ -89,6 +89,7 @@ async def test_speedtest_page_lists_the_tests_and_probes_both_families(server, h
     # The share link is required: the browser says so before the server does.
     assert re.search(r'name="share-ookla"[^>]* required>', text)
     assert "Link to share the result:" in text and "(if the site gives one)" not in text
+    assert "Speeds from 0.05 to 10000 Mbit/s are accepted." in text
     # The passive dual-stack probe: one hidden red and one hidden blue image.
     assert len(page.red) == 1 and len(page.blue) == 1
     assert '<div class="probe" aria-hidden="true">' in text
@@ -141,9 +142,15 @@ async def test_speedtest_reports_are_stored_per_test_and_handed_on(server, http,
 BAD_SPEEDTESTS = [
     ({"download-ookla": ""}, "Please enter the download speed that Speedtest by Ookla showed"),
     ({"upload-ndt": " "}, "Please enter the upload speed that M-Lab Speed Test (NDT) showed"),
-    ({"download-ookla": "0"}, "must be a number above 0 and at most 10000 Mbit/s"),
-    ({"download-ookla": "-5"}, "must be a number above 0"),
-    ({"upload-ookla": "10001"}, "at most 10000 Mbit/s"),
+    ({"download-ookla": "0"}, "must be a number from 0.05 to 10000 Mbit/s"),
+    ({"download-ookla": "-5"}, "must be a number from 0.05"),
+    # Below min_mbps (0.05 by default): a slip, not a measurement.
+    ({"download-ookla": "0.001"}, "must be a number from 0.05 to 10000 Mbit/s, such as 94.5"),
+    (
+        {"upload-ndt": "0,049"},
+        "The upload speed of M-Lab Speed Test (NDT) must be a number from 0.05",
+    ),
+    ({"upload-ookla": "10001"}, "to 10000 Mbit/s"),
     ({"download-ndt": "1,000.5"}, "The download speed of M-Lab Speed Test (NDT)"),
     ({"download-ndt": "1e3"}, "The download speed of M-Lab Speed Test (NDT)"),
     ({"download-ndt": "NaN"}, "The download speed"),
@@ -358,8 +365,25 @@ def test_share_links_never_leave_the_tool_site(raw):
 @given(st.floats(min_value=0.001, max_value=10000, allow_nan=False).map(lambda f: round(f, 3)))
 def test_speeds_as_written_are_read_back(value):
     text = f"{value:.3f}".rstrip("0").rstrip(".")
-    assert survey.parse_speed(text, "download", NDT, 10000) == pytest.approx(value)
-    assert survey.parse_speed(text.replace(".", ","), "upload", NDT, 10000) == pytest.approx(value)
+    assert survey.parse_speed(text, "download", NDT, 0.001, 10000) == pytest.approx(value)
+    assert survey.parse_speed(text.replace(".", ","), "upload", NDT, 0.001, 10000) == (
+        pytest.approx(value)
+    )
+
+
+def test_the_floor_and_ceiling_of_speeds():
+    config = SpeedTestConfig(tests=(NDT,), min_mbps=1, max_mbps=100)
+    form = {"download-ndt": "1", "upload-ndt": "100"}
+    (report,) = survey.parse_speedtests(form, config)
+    assert (report.download_mbps, report.upload_mbps) == (1.0, 100.0)
+    with pytest.raises(survey.BadInput, match="from 1 to 100 Mbit/s"):
+        survey.parse_speedtests({**form, "download-ndt": "0.999"}, config)
+    assert SpeedTestConfig().min_mbps == 0.05
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="min_mbps: must be below max_mbps"):
+        SpeedTestConfig(min_mbps=10, max_mbps=10)
+    assert survey.speed_text(1234567.5) == "1234567.5" and survey.speed_text(0.05) == "0.05"
 
 
 async def test_a_share_link_can_be_made_optional(make_config, http, db):
@@ -396,7 +420,7 @@ def test_a_test_without_share_hosts_ignores_a_share_field():
     form = {"download-ndt": "5", "upload-ndt": "1", "share-ndt": "https://evil.example/"}
     (report,) = survey.parse_speedtests(form, config)
     assert report.share_url is None
-    with pytest.raises(survey.BadInput, match="at most 100 Mbit/s"):
+    with pytest.raises(survey.BadInput, match="to 100 Mbit/s"):
         survey.parse_speedtests({**form, "download-ndt": "101"}, config)
 
 
