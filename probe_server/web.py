@@ -535,11 +535,9 @@ async def submit(request: web.Request) -> web.StreamResponse:
         )
     config = request.app[config_key]
     now = time.time()
-    handed_on: list[tuple[str, str]] = [("token", token)]
     try:
         if kind == "speedtest":
-            reports = survey.parse_speedtests(fields, config.speedtest)
-            for report in reports:
+            for report in survey.parse_speedtests(fields, config.speedtest):
                 probe.rows.append(
                     (
                         INSERT_SPEEDTEST,
@@ -555,18 +553,11 @@ async def submit(request: web.Request) -> web.StreamResponse:
                         ),
                     )
                 )
-                handed_on += [
-                    (f"download-{report.test}", f"{report.download_mbps:g}"),
-                    (f"upload-{report.test}", f"{report.upload_mbps:g}"),
-                ]
-                if report.share_url:
-                    handed_on.append((f"share-{report.test}", report.share_url))
         elif kind == "tool":
             report_id = survey.parse_tool_report(fields, config.tool)
             probe.rows.append(
                 (INSERT_TOOL_REPORT, (token, now, probe.addr, config.tool.name, report_id))
             )
-            handed_on.append(("report", report_id))
         else:
             answer = survey.parse_answer(fields)
             probe.rows.append(
@@ -575,20 +566,30 @@ async def submit(request: web.Request) -> web.StreamResponse:
                     (token, now, probe.addr, answer.red, answer.blue, answer.red == red_count),
                 )
             )
-            handed_on += [("red", str(answer.red)), ("blue", str(answer.blue))]
     except survey.BadInput as e:
         # Nothing of an invalid answer is stored: its rows were never queued.
         return _bad_request(request, e.message, language)
     probe.durable = True
-    # The record middleware answers only once the answer rows are committed:
-    # the browser hands the answer on to MTurk only after we have stored it.
     site = None
     if visit == "accepted" and assignment_id and turk_submit_to:
         # Checked again: the session may predate a change of the allowed sites.
         worker_sites: tuple[str, ...] = request.app[worker_sites_key]
         site = survey.worker_site(turk_submit_to, worker_sites)
     if site is None:
+        # The record middleware answers only once the rows are committed.
         return _page(request, "thanks.html", language)
+    # A session may be answered more than once (the back button, a retry):
+    # every answer is stored, the first counts in the reports, and so the
+    # first is what MTurk gets, or review would judge another answer than
+    # the one the reports count. So this answer is committed here, before
+    # the hand-off, and the session's first answer is read back.
+    rows, probe.rows = probe.rows, []
+    try:
+        await request.app[writer_key].write(rows)
+    except Overloaded:
+        return _unavailable("overloaded")
+    except NotStored:
+        return _unavailable("storage is not keeping up")
     return _page(
         request,
         "handoff.html",
@@ -597,8 +598,44 @@ async def submit(request: web.Request) -> web.StreamResponse:
         assignment_id=assignment_id,
         # Everything but assignmentId becomes an answer in MTurk's
         # QuestionFormAnswers; the token lets review find the session.
-        fields=handed_on,
+        fields=[("token", token), *await _first_answer(request, token, kind)],
     )
+
+
+async def _first_answer(request: web.Request, token: str, kind: str) -> list[tuple[str, str]]:
+    """The session's first stored answer, as the hand-off form's fields."""
+    reader = request.app[reader_key]
+    fields: list[tuple[str, str]] = []
+    if kind == "speedtest":
+        # The first submission: its rows share the earliest t (as the views say).
+        async with reader.execute(
+            "SELECT test, download_mbps, upload_mbps, share_url FROM speedtest_reports"
+            " WHERE session_token = ? AND t = (SELECT min(t) FROM speedtest_reports"
+            " WHERE session_token = ?) ORDER BY id",
+            (token, token),
+        ) as cursor:
+            for test, download, upload, share_url in await cursor.fetchall():
+                fields += [
+                    (f"download-{test}", survey.speed_text(download)),
+                    (f"upload-{test}", survey.speed_text(upload)),
+                ]
+                if share_url:
+                    fields.append((f"share-{test}", share_url))
+    elif kind == "tool":
+        async with reader.execute(
+            "SELECT report FROM tool_reports WHERE session_token = ? ORDER BY id LIMIT 1",
+            (token,),
+        ) as cursor:
+            fields += [("report", row[0]) for row in await cursor.fetchall()]
+    else:
+        async with reader.execute(
+            "SELECT red_reported, blue_reported FROM answers WHERE session_token = ?"
+            " ORDER BY id LIMIT 1",
+            (token,),
+        ) as cursor:
+            for red, blue in await cursor.fetchall():
+                fields += [("red", str(red)), ("blue", str(blue))]
+    return fields
 
 
 # -- every path ------------------------------------------------------------------

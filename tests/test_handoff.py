@@ -112,6 +112,31 @@ async def test_wrong_answers_are_handed_on_too(server, http):
     assert handoff_of(text)[1]["red"] == wrong
 
 
+async def test_a_second_answer_is_stored_but_mturk_gets_the_first(server, http, db):
+    """Reports count a session's first answer; the hand-off must send MTurk the same."""
+    page = await load_survey(http, server, ACCEPTED + "https://www.mturk.com")
+    right = str(len(page.red))
+    _, first = await submit(http, server, token=page.token, red=right, blue="1")
+    assert handoff_of(first)[1]["red"] == right
+    # Back, a changed answer, submit again: stored, not counted, not handed on.
+    status, second = await submit(http, server, token=page.token, red="9", blue="7")
+    assert status == 200
+    assert handoff_of(second)[1] == {
+        "assignmentId": "ASSIGNMENT1",
+        "token": page.token,
+        "red": right,
+        "blue": "1",
+    }
+    assert [
+        tuple(r) for r in db("SELECT red_reported, blue_reported FROM answers ORDER BY id")
+    ] == [
+        (int(right), 1),
+        (9, 7),
+    ]
+    (summary,) = db("SELECT red_reported, blue_reported, submissions FROM session_summary")
+    assert tuple(summary) == (int(right), 1, 2)
+
+
 async def test_assignment_id_comes_from_the_session_not_the_form(server, http):
     page = await load_survey(http, server, ACCEPTED + "https://www.mturk.com")
     _, text = await submit(

@@ -139,6 +139,30 @@ async def test_speedtest_reports_are_stored_per_test_and_handed_on(server, http,
     assert view[0] == 3
 
 
+async def test_a_second_report_is_stored_but_mturk_gets_the_first(server, http, db):
+    speedtest, _ = await open_page(
+        http, server, ACCEPTED + "https://www.mturk.com&survey=speedtest"
+    )
+    tool, _ = await open_page(http, server, ACCEPTED + "https://www.mturk.com&survey=tool")
+    assert (await post(http, server, {"token": speedtest.token, **GOOD}))[0] == 200
+    assert (await post(http, server, {"token": tool.token, "report": REPORT}))[0] == 200
+    changed = {**GOOD, "download-ookla": "9999.5", "share-ookla": SHARE + "0"}
+    status, text = await post(http, server, {"token": speedtest.token, **changed})
+    assert status == 200
+    fields = handoff_of(text)[1]
+    assert (fields["download-ookla"], fields["share-ookla"], fields["download-ndt"]) == (
+        "94.5",
+        SHARE,
+        "88.25",
+    )
+    status, text = await post(http, server, {"token": tool.token, "report": "7654321"})
+    assert status == 200 and handoff_of(text)[1]["report"] == REPORT
+    # Both submissions are kept; the views (and so the reports) use the first.
+    assert stored(db) == (6, 2, 0)
+    assert db("SELECT download_mbps FROM speedtest_results WHERE test = 'ookla'")[0][0] == 94.5
+    assert db("SELECT report FROM tool_results")[0][0] == REPORT
+
+
 BAD_SPEEDTESTS = [
     ({"download-ookla": ""}, "Please enter the download speed that Speedtest by Ookla showed"),
     ({"upload-ndt": " "}, "Please enter the upload speed that M-Lab Speed Test (NDT) showed"),
