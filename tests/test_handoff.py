@@ -246,7 +246,8 @@ PAYLOAD = '"><script>alert(1)</script>'
 
 
 @pytest.mark.parametrize(
-    "name", ["assignmentId", "hitId", "workerId", "turkSubmitTo", "batch", "token", "x"]
+    "name",
+    ["assignmentId", "hitId", "workerId", "turkSubmitTo", "batch", "lang", "survey", "token", "x"],
 )
 async def test_no_script_injection_through_survey_parameters(server, http, name):
     params = {"assignmentId": "A1", "hitId": "H1", "turkSubmitTo": "https://www.mturk.com"}
@@ -260,16 +261,37 @@ async def test_no_script_injection_through_survey_parameters(server, http, name)
         assert response.status == 400
 
 
-@pytest.mark.parametrize("name", ["token", "red", "blue", "assignmentId", "turkSubmitTo"])
-async def test_no_script_injection_through_the_answer_form(server, http, name):
-    page = await load_survey(http, server, ACCEPTED + "https://www.mturk.com")
-    form = {"token": page.token, "red": "1", "blue": "1"}
+# Every field of each kind's form: (field, kind of page).
+FORM_FIELDS = [
+    *((name, "balls") for name in ("token", "red", "blue", "lang", "assignmentId", "turkSubmitTo")),
+    ("report", "tool"),
+    ("lang", "tool"),
+    ("download-ookla", "speedtest"),
+    ("upload-ndt", "speedtest"),
+    ("share-ookla", "speedtest"),
+]
+VALID_FORMS = {
+    "balls": {"red": "1", "blue": "1"},
+    "tool": {"report": "https://spoofer.caida.org/report.php?sessionid=8675309"},
+    "speedtest": {
+        **{
+            f"{d}-{t}": "10" for d in ("download", "upload") for t in ("ookla", "ndt", "cloudflare")
+        },
+        "share-ookla": "https://www.speedtest.net/result/1",
+    },
+}
+
+
+@pytest.mark.parametrize(("name", "kind"), FORM_FIELDS)
+async def test_no_script_injection_through_the_answer_form(server, http, name, kind):
+    page = await load_survey(http, server, f"{ACCEPTED}https://www.mturk.com&survey={kind}")
+    form = {"token": page.token, **VALID_FORMS[kind]}
     form[name] = PAYLOAD
     async with http.post(f"{server.base_urls['ipv4']}/submit", data=form) as response:
         text = await response.text()
     assert "<script>alert" not in text and PAYLOAD not in text
     assert "evil" not in text
-    if name in ("assignmentId", "turkSubmitTo"):  # ignored: the session decides
+    if name in ("assignmentId", "turkSubmitTo", "lang"):  # ignored: the session decides
         assert response.status == 200
         assert handoff_of(text)[0] == "https://www.mturk.com/mturk/externalSubmit"
     else:
