@@ -13,6 +13,7 @@ import sqlite3
 import struct
 import sys
 import termios
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,23 @@ async def test_live_publish_on_terminal_confirmation_with_split(tmp_path, fake_m
         assert hit.requirements[-1]["QualificationTypeId"] == qual[0]
         assert hit.requirements[-1]["Comparator"] == "DoesNotExist"
     assert rows(tmp_path, "SELECT sandbox, hit_size FROM batches") == [(0, 7)]
+
+
+async def test_live_publish_beyond_the_balance_needs_a_yes_on_a_terminal(tmp_path, fake_mturk):
+    fake_mturk.fake.balance = Decimal("1.00")
+    path = write_experiment(tmp_path, LARGE)
+    args = ("hits", "publish", str(path), "--live", "--endpoint-url", fake_mturk.url)
+    # --yes answers the cost, not a balance that cannot pay it: a script stops.
+    status, out, err = await cli(*args, "--yes", stdin=io.StringIO("y\n"))
+    assert status == 3, out
+    assert "Account balance: $1.00" in out
+    assert "WARNING: the account balance $1.00 does not cover the cost, up to $1.40" in err
+    assert "--yes does not answer this" in err
+    assert not fake_mturk.fake.hits
+    # Not split (n), then yes to the balance question on a terminal.
+    status, out, err = await cli(*args, stdin=Terminal("n\ny\n"))
+    assert status == 0, out + err
+    assert "WARNING" in err and [h.max_assignments for h in fake_mturk.fake.hits.values()] == [20]
 
 
 async def test_live_publish_with_yes_for_scripts(tmp_path, fake_mturk):
@@ -481,6 +499,48 @@ async def test_review_feedback_is_in_the_batch_language(tmp_path, fake_mturk):
         assert feedback[right] == catalogue_text(language, "Thank you for counting the balls!")
         assert feedback[wrong] == catalogue_text(language, wrong_count, shown=3, reported=1)
         assert feedback[wrong] != feedback[answered["en"][1]]
+
+
+async def test_review_on_a_low_balance_leaves_the_rest_for_a_later_run(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path, 'name = "b1"\nreward = "0.05"\nassignments = 3')
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "publish", str(path), *endpoint))[0] == 0
+    fake = fake_mturk.fake
+    (hit_id,) = fake.hits
+    paid = submit(fake, hit_id, "APAID", token="tpaid", red="2")
+    fake.advance(1)
+    unpaid = submit(fake, hit_id, "AUNPAID", token="tunpaid", red="2")
+    insert_session(tmp_path, "tpaid", paid, 2)
+    insert_session(tmp_path, "tunpaid", unpaid, 2)
+    assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
+    # Enough for one approval: $0.05 and MTurk's $0.01.
+    fake.balance = Decimal("0.06")
+    status, out, _ = await cli("hits", "review", str(path), *endpoint)
+    assert status == 1, out
+    assert f"approve  {unpaid} b1 worker AUNPAID: red count 2 is right FAILED: This Requester" in (
+        out
+    )
+    assert "insufficient funds" in out
+    assert "1 refused by MTurk, left as they were for a later run" in out
+    assert (fake.assignments[paid].status, fake.assignments[unpaid].status) == (
+        "Approved",
+        "Submitted",
+    )
+    assert fake.balance == 0
+    assert rows(tmp_path, "SELECT assignment_id, status FROM assignments ORDER BY submit_time") == [
+        (paid, "Approved"),
+        (unpaid, "Submitted"),
+    ]
+    # Funds added: the next run approves what is left, and only that.
+    fake.balance = Decimal("5.00")
+    status, out, _ = await cli("hits", "review", str(path), *endpoint)
+    assert status == 0 and "Approved 1, rejected 0, left 0" in out, out
+    assert fake.assignments[unpaid].status == "Approved"
+    assert ": $4.94 " in (await cli("hits", "balance", *endpoint))[1]
+    assert rows(
+        tmp_path,
+        "SELECT assignment_id, done IS NOT NULL, error IS NOT NULL FROM reviews ORDER BY id",
+    ) == [(paid, 1, 0), (unpaid, 0, 1), (unpaid, 1, 0)]
 
 
 async def test_unknown_batch_is_refused(tmp_path, fake_mturk):

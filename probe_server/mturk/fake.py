@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -71,6 +71,7 @@ MAX_SECONDS = 365 * 24 * 3600
 DEFAULT_PAGE = 10
 MAX_PAGE = 100
 SANDBOX_BALANCE = "10000.00"
+CENT = Decimal("0.01")
 
 
 def new_id(length: int = 30) -> str:
@@ -203,6 +204,10 @@ class FakeMTurk:
     request_tokens: dict[str, str] = field(default_factory=dict)
     pages: dict[str, Page] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    # The account's available balance in dollars; None: like the sandbox,
+    # $10,000 that never runs out. With a balance, each approval pays the
+    # reward and MTurk's fee from it, and fails when it cannot, as on MTurk.
+    balance: Decimal | None = None
 
     def now(self) -> float:
         return self.clock() + self.offset
@@ -582,6 +587,16 @@ class FakeMTurk:
             )
         if len(p.get("RequesterFeedback", "")) > 1024:
             raise FakeError("RequesterFeedback can be at most 1024 characters.")
+        if self.balance is not None:
+            cost = self.approval_cost(self.hits[assignment.hit_id])
+            if cost > self.balance:
+                raise FakeError(
+                    "This Requester has insufficient funds in their account to complete this"
+                    " transaction. Please visit https://requester.mturk.com/prepayments/new to"
+                    f" purchase Prepaid HITs. ({int(self.now() * 1000)})",
+                    turk_code="AWS.MechanicalTurk.InsufficientFunds",
+                )
+            self.balance -= cost
         assignment.status = "Approved"
         assignment.approval_time = self.now()
         assignment.rejection_time = None
@@ -604,9 +619,23 @@ class FakeMTurk:
         assignment.feedback = feedback
         return {}
 
+    @staticmethod
+    def approval_cost(hit: Hit) -> Decimal:
+        """What approving one assignment of the HIT takes from the balance.
+
+        The reward and MTurk's fee: 20% of it, 40% on a HIT of 10 or more
+        assignments, at least a cent, rounded half up to the cent.
+        """
+        reward = Decimal(hit.reward)
+        rate = Decimal("0.40") if hit.max_assignments >= 10 else Decimal("0.20")
+        fee = max((reward * rate).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP), CENT)
+        return reward + fee
+
     def GetAccountBalance(self, p: dict[str, Any]) -> dict[str, Any]:
-        # Like the sandbox: the balance never runs out.
-        return {"AvailableBalance": SANDBOX_BALANCE, "OnHoldBalance": "0.00"}
+        if self.balance is None:
+            # Like the sandbox: the balance never runs out.
+            return {"AvailableBalance": SANDBOX_BALANCE, "OnHoldBalance": "0.00"}
+        return {"AvailableBalance": f"{self.balance:.2f}", "OnHoldBalance": "0.00"}
 
     def CreateQualificationType(self, p: dict[str, Any]) -> dict[str, Any]:
         name = p["Name"]
@@ -1070,12 +1099,14 @@ class FakeServer:
             await runner.cleanup()
 
 
-async def run_fake(address: str, port: int, on_ready: Callable[[str], None]) -> int:
+async def run_fake(
+    address: str, port: int, on_ready: Callable[[str], None], balance: Decimal | None = None
+) -> int:
     """``probe-server fake-mturk``: serve until SIGTERM or SIGINT."""
     import asyncio
     import signal
 
-    server = FakeServer()
+    server = FakeServer(FakeMTurk(balance=balance))
     url = await server.start(address, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
