@@ -146,6 +146,41 @@ async def test_publish_recovers_a_hit_created_before_a_crash(tmp_path, fake_mtur
     assert rows(tmp_path, "SELECT hit_id FROM hits") == [(hit.hit_id,)]
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ('"0.05"', '"0.07"'),
+            "published with reward 0.05 and 3 assignments, but the"
+            " experiment file now asks for 0.07 and 3",
+        ),
+        (("assignments = 3", "assignments = 4"), "asks for 0.05 and 4"),
+    ],
+)
+async def test_a_recovered_hit_must_match_the_batch(tmp_path, fake_mturk, change, message):
+    """The record of a published batch is lost and the batch changed: the
+    UniqueRequestToken finds the old HIT, which must not be taken for the new one."""
+    path = write_experiment(tmp_path)
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "publish", str(path), *endpoint))[0] == 0
+    (hit_id,) = fake_mturk.fake.hits
+    with contextlib.closing(sqlite3.connect(tmp_path / "probe.db")) as conn, conn:
+        conn.execute("DELETE FROM hits")
+        conn.execute("DELETE FROM batches")
+    path.write_text(path.read_text().replace(*change))
+    status, _, err = await cli("hits", "publish", str(path), *endpoint)
+    assert status == 1, err
+    assert f"MTurk already has HIT {hit_id} for b1 #0" in err and message in err
+    assert "give the changed batch a new name" in err
+    assert list(fake_mturk.fake.hits) == [hit_id]
+    assert rows(tmp_path, "SELECT count(*) FROM hits") == [(0,)]
+    # The batch as it was published: the HIT is found and recorded again.
+    path.write_text(path.read_text().replace(change[1], change[0]))
+    status, out, err = await cli("hits", "publish", str(path), *endpoint)
+    assert status == 0 and "(1 found already created)" in out, out + err
+    assert rows(tmp_path, "SELECT hit_id FROM hits") == [(hit_id,)]
+
+
 async def test_changed_batch_or_other_site_is_refused(tmp_path, fake_mturk):
     path = write_experiment(tmp_path)
     assert (await cli("hits", "publish", str(path), "--endpoint-url", fake_mturk.url))[0] == 0

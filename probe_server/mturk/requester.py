@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -763,6 +764,18 @@ class Requester:
                 ) from None
             hit = (await self.client.get_hit(HITId=found.group(0)))["HIT"]
             created = False
+            try:
+                self._check_existing(hit, planned, index)
+            except RequesterError:
+                # A batch with no HIT recorded was not published as the file
+                # now says: keep no record of it, or the next run would take
+                # the changed values for the published ones.
+                await self.db.execute(
+                    "DELETE FROM batches WHERE name = ?"
+                    " AND NOT EXISTS (SELECT 1 FROM hits WHERE batch = ?)",
+                    (batch.name, batch.name),
+                )
+                raise
         await self.db.execute(
             "INSERT INTO hits (hit_id, batch, hit_type_id, max_assignments, created, expires,"
             " sandbox, hit_index, request_token, reward, hit_group_id,"
@@ -792,6 +805,29 @@ class Requester:
         return PublishedHit(
             batch.name, hit["HITId"], hit.get("HITGroupId", ""), hit["MaxAssignments"], created
         )
+
+    def _check_existing(self, hit: dict[str, Any], planned: PlannedBatch, index: int) -> None:
+        """The HIT a UniqueRequestToken found is the one this batch would create.
+
+        The token comes from experiment, batch and HIT number only, so a
+        batch changed in the file after a run that died (its record lost)
+        finds the HIT of the old batch; recording that as the new one would
+        pay the old reward for the wrong number of assignments.
+        """
+        batch = planned.batch
+        size = planned.hit_sizes[index]
+        reward, assignments = hit.get("Reward"), hit.get("MaxAssignments")
+        try:
+            same_reward = Decimal(str(reward)) == batch.reward_amount
+        except ArithmeticError:
+            same_reward = False
+        if not same_reward or assignments != size:
+            raise RequesterError(
+                f"MTurk already has HIT {hit['HITId']} for {batch.name} #{index} (its"
+                f" UniqueRequestToken), published with reward {reward} and {assignments}"
+                f" assignments, but the experiment file now asks for {batch.reward} and {size};"
+                " expire that HIT if it is not wanted, and give the changed batch a new name"
+            )
 
     def preview_url(self, hit_group_id: str) -> str | None:
         """Where a worker sees the HITs (None for a fake endpoint)."""
