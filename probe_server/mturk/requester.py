@@ -1239,6 +1239,7 @@ __all__ = [
     "BotoCoreError",
     "ClientError",
     "Decision",
+    "Participation",
     "Plan",
     "PlannedBatch",
     "PublishedHit",
@@ -1248,6 +1249,8 @@ __all__ = [
     "Target",
     "account_balance",
     "decide",
+    "earlier_participation",
     "mturk_client",
     "open_requester",
+    "worker_feedback",
 ]
