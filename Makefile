@@ -36,7 +36,7 @@ messages: $(STAMP)
 	$(BIN)/pybabel extract -F babel.cfg -k N_ --no-location --sort-output --omit-header \
 		-o probe_server/locale/messages.pot .
 	$(BIN)/pybabel update -i probe_server/locale/messages.pot -d probe_server/locale \
-		--no-location --no-fuzzy-matching
+		--no-fuzzy-matching
 
 test: lint
 	$(BIN)/pytest

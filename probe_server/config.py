@@ -236,6 +236,9 @@ class SpeedTest(_Model):
     url: HttpsUrl
     # Hosts a "share results" link may be on; empty: the test has no share link.
     share_hosts: tuple[Host, ...] = ()
+    # Whether the worker must give the share link (the proof that they ran
+    # the test); default: yes when the test has share_hosts.
+    share_required: bool | None = None
 
     @field_validator("id")
     @classmethod
@@ -245,6 +248,17 @@ class SpeedTest(_Model):
                 f"use 1-32 of a-z, 0-9 and '-' (starting with a letter or digit), got {value!r}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _share(self) -> SpeedTest:
+        if self.share_required and not self.share_hosts:
+            raise ValueError("share_required: needs share_hosts, the hosts its links are on")
+        return self
+
+    @property
+    def requires_share(self) -> bool:
+        """The page asks for a share link and refuses a report without one."""
+        return bool(self.share_hosts) if self.share_required is None else self.share_required
 
 
 # The paper's tools (§3.1): an Ookla-based site, M-Lab's NDT, and others; the
@@ -265,7 +279,10 @@ class SpeedTestConfig(_Model):
     """The speedtest page (experiment kind "speedtest")."""
 
     tests: tuple[SpeedTest, ...] = Field(default=DEFAULT_SPEED_TESTS, min_length=1, max_length=10)
-    # Reported speeds must be above 0 and at most this many Mbit/s.
+    # Reported speeds must be at least min_mbps and at most max_mbps (Mbit/s).
+    # The floor keeps out slips such as 0.001 (a typo, or a speed in Gbit/s);
+    # the slowest line worth measuring, a dial-up modem, still manages 0.05.
+    min_mbps: float = Field(default=0.05, gt=0, le=1000)
     max_mbps: float = Field(default=10000.0, gt=0, le=1_000_000)
 
     @model_validator(mode="after")
@@ -274,6 +291,8 @@ class SpeedTestConfig(_Model):
         for test_id in ids:
             if ids.count(test_id) > 1:
                 raise ValueError(f"tests: the id {test_id!r} is used twice")
+        if self.min_mbps >= self.max_mbps:
+            raise ValueError("min_mbps: must be below max_mbps")
         return self
 
 

@@ -247,31 +247,37 @@ _SPEED_MISSING = {
 }
 _SPEED_BAD = {
     "download": N_(
-        "The download speed of %(test)s must be a number above 0 and at most %(max)s Mbit/s,"
+        "The download speed of %(test)s must be a number from %(min)s to %(max)s Mbit/s,"
         " such as 94.5."
     ),
     "upload": N_(
-        "The upload speed of %(test)s must be a number above 0 and at most %(max)s Mbit/s,"
+        "The upload speed of %(test)s must be a number from %(min)s to %(max)s Mbit/s,"
         " such as 11.8."
     ),
 }
 
 
-def _max_text(value: float) -> str:
-    return f"{value:g}"
+def speed_text(value: float) -> str:
+    """A speed as the pages show it and the hand-off sends it: 94.5, 10, 0.05.
+
+    Never an exponent (``f"{1234567.0:g}"`` is ``1.23457e+06``): the value
+    has at most three decimals, as the form accepts them.
+    """
+    return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
-def parse_speed(raw: str | None, direction: str, test: SpeedTest, max_mbps: float) -> float:
-    """A speed in Mbit/s as the worker typed it ("94.5" or "94,5")."""
+def parse_speed(raw: str | None, direction: str, test: SpeedTest, low: float, high: float) -> float:
+    """A speed in Mbit/s as the worker typed it ("94.5" or "94,5"), from low to high."""
     raw = (raw or "").strip()
     if not raw:
         raise BadInput(_SPEED_MISSING[direction], test=test.name)
+    bad = BadInput(_SPEED_BAD[direction], test=test.name, min=speed_text(low), max=speed_text(high))
     match = _SPEED.fullmatch(raw) if raw.isascii() else None
     if match is None:
-        raise BadInput(_SPEED_BAD[direction], test=test.name, max=_max_text(max_mbps))
+        raise bad
     value = float(f"{match.group(1)}.{match.group(2) or '0'}")
-    if not 0 < value <= max_mbps:
-        raise BadInput(_SPEED_BAD[direction], test=test.name, max=_max_text(max_mbps))
+    if not low <= value <= high:
+        raise bad
     return value
 
 
@@ -281,9 +287,18 @@ def share_link(raw: str | None, test: SpeedTest) -> str | None:
     The link is parsed, never fetched. Its host must be exactly one of the
     test's share_hosts, with no user name, password or port: a link to
     any other site (or one that merely contains the host's name) is refused.
+    A test that requires it (``share_required``, by default any test with
+    share_hosts) refuses a report without one.
     """
     raw = (raw or "").strip()
-    if not raw or not test.share_hosts:
+    if not test.share_hosts:
+        return None
+    if not raw:
+        if test.requires_share:
+            raise BadInput(
+                N_("Please paste the link to share the result that %(test)s gave you."),
+                test=test.name,
+            )
         return None
     bad = BadInput(
         N_("The share link of %(test)s must be an https:// link on %(hosts)s."),
@@ -319,8 +334,12 @@ def parse_speedtests(form: Mapping[str, str], config: SpeedTestConfig) -> list[S
             SpeedReport(
                 test=test.id,
                 name=test.name,
-                download_mbps=parse_speed(form.get(download), "download", test, config.max_mbps),
-                upload_mbps=parse_speed(form.get(upload), "upload", test, config.max_mbps),
+                download_mbps=parse_speed(
+                    form.get(download), "download", test, config.min_mbps, config.max_mbps
+                ),
+                upload_mbps=parse_speed(
+                    form.get(upload), "upload", test, config.min_mbps, config.max_mbps
+                ),
                 share_url=share_link(form.get(share), test),
             )
         )
@@ -341,4 +360,25 @@ def parse_tool_report(form: Mapping[str, str], config: ToolConfig) -> str:
             tool=config.name,
             example=config.report_example,
         )
+    if is_example(raw, config.report_example):
+        # The example matches the pattern by design (the config checks it).
+        raise BadInput(
+            N_(
+                "This is the example from this page. Please paste the report id that %(tool)s"
+                " showed you when you ran it."
+            ),
+            tool=config.name,
+        )
     return raw
+
+
+def is_example(report: str, example: str) -> bool:
+    """The report is the example, or the example's id without its prefix.
+
+    ``1234567`` is the id of ``...report.php?sessionid=1234567``: both match
+    the default pattern, and neither is a worker's own report.
+    """
+    if report == example:
+        return True
+    cut = len(example) - len(report)
+    return cut > 0 and example.endswith(report) and not example[cut - 1].isalnum()

@@ -94,6 +94,19 @@ INSERT_BATTERY_PAGE = (
     "INSERT INTO battery_pages (session_token, probes, labels, beacon, v6ns_host)"
     " VALUES (?,?,?,?,?)"
 )
+# A worker's sessions on the other HITs of the experiment that the HIT they
+# opened keeps them out of, as MTurk will once `hits sync` grants the "took
+# part" qualification: another HIT of the same batch (a batch split into
+# HITs of at most 9 assignments excludes its own workers), or a HIT of any
+# other batch when the HIT's batch has exclude_other_batches. A HIT the
+# database does not know (another experiment, a direct visit) matches nothing.
+TOOK_PART_ELSEWHERE = (
+    "SELECT s.hit_id FROM hits cur JOIN batches cb ON cb.name = cur.batch"
+    " JOIN sessions s ON s.worker_id = ? AND s.visit = 'accepted' AND s.hit_id <> cur.hit_id"
+    " JOIN hits h ON h.hit_id = s.hit_id JOIN batches b ON b.name = h.batch"
+    " WHERE cur.hit_id = ? AND b.experiment = cb.experiment AND b.sandbox = cb.sandbox"
+    " AND (b.name = cb.name OR cb.exclude_other_batches) LIMIT 1"
+)
 INSERT_BEACON = (
     "INSERT INTO beacons (session_token, t, addr, final, probe, state, at_ms, duration_ms,"
     " dns_ms, connect_ms) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -253,6 +266,10 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
         )
     except survey.BadInput as e:
         return _bad_request(request, e.message, language)
+    if await _took_part_elsewhere(request, visit):
+        # No session, no probes, no form: the worker is asked to return the HIT.
+        probe.kind = "repeat"
+        return _page(request, "repeat.html", visit.language)
     csp = SURVEY_CSP if visit.survey == "balls" else ""
     if request.method == "HEAD":
         # Link checkers and monitors: the page's headers, no body, and no
@@ -316,10 +333,25 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
     }
     if visit.survey == "speedtest":
         context["tests"] = [(test, survey.field_names(test)) for test in config.speedtest.tests]
-        context["max_mbps"] = f"{config.speedtest.max_mbps:g}"
+        context["min_mbps"] = survey.speed_text(config.speedtest.min_mbps)
+        context["max_mbps"] = survey.speed_text(config.speedtest.max_mbps)
     elif visit.survey == "tool":
         context["tool"] = config.tool
     return _page(request, TEMPLATES[visit.survey], visit.language, csp=csp, **context)
+
+
+async def _took_part_elsewhere(request: web.Request, visit: survey.Visit) -> bool:
+    """The worker of an accepted visit already has a session on a HIT this one excludes.
+
+    Their own HIT opened again (a reload, or a new assignment of it after a
+    return) is not another HIT.
+    """
+    if visit.kind != "accepted" or not visit.worker_id or not visit.hit_id:
+        return False
+    async with request.app[reader_key].execute(
+        TOOK_PART_ELSEWHERE, (visit.worker_id, visit.hit_id)
+    ) as cursor:
+        return await cursor.fetchone() is not None
 
 
 async def _ball(request: web.Request, kind: str, body: bytes) -> web.StreamResponse:
@@ -514,11 +546,9 @@ async def submit(request: web.Request) -> web.StreamResponse:
         )
     config = request.app[config_key]
     now = time.time()
-    handed_on: list[tuple[str, str]] = [("token", token)]
     try:
         if kind == "speedtest":
-            reports = survey.parse_speedtests(fields, config.speedtest)
-            for report in reports:
+            for report in survey.parse_speedtests(fields, config.speedtest):
                 probe.rows.append(
                     (
                         INSERT_SPEEDTEST,
@@ -534,18 +564,11 @@ async def submit(request: web.Request) -> web.StreamResponse:
                         ),
                     )
                 )
-                handed_on += [
-                    (f"download-{report.test}", f"{report.download_mbps:g}"),
-                    (f"upload-{report.test}", f"{report.upload_mbps:g}"),
-                ]
-                if report.share_url:
-                    handed_on.append((f"share-{report.test}", report.share_url))
         elif kind == "tool":
             report_id = survey.parse_tool_report(fields, config.tool)
             probe.rows.append(
                 (INSERT_TOOL_REPORT, (token, now, probe.addr, config.tool.name, report_id))
             )
-            handed_on.append(("report", report_id))
         else:
             answer = survey.parse_answer(fields)
             probe.rows.append(
@@ -554,20 +577,30 @@ async def submit(request: web.Request) -> web.StreamResponse:
                     (token, now, probe.addr, answer.red, answer.blue, answer.red == red_count),
                 )
             )
-            handed_on += [("red", str(answer.red)), ("blue", str(answer.blue))]
     except survey.BadInput as e:
         # Nothing of an invalid answer is stored: its rows were never queued.
         return _bad_request(request, e.message, language)
     probe.durable = True
-    # The record middleware answers only once the answer rows are committed:
-    # the browser hands the answer on to MTurk only after we have stored it.
     site = None
     if visit == "accepted" and assignment_id and turk_submit_to:
         # Checked again: the session may predate a change of the allowed sites.
         worker_sites: tuple[str, ...] = request.app[worker_sites_key]
         site = survey.worker_site(turk_submit_to, worker_sites)
     if site is None:
+        # The record middleware answers only once the rows are committed.
         return _page(request, "thanks.html", language)
+    # A session may be answered more than once (the back button, a retry):
+    # every answer is stored, the first counts in the reports, and so the
+    # first is what MTurk gets, or review would judge another answer than
+    # the one the reports count. So this answer is committed here, before
+    # the hand-off, and the session's first answer is read back.
+    rows, probe.rows = probe.rows, []
+    try:
+        await request.app[writer_key].write(rows)
+    except Overloaded:
+        return _unavailable("overloaded")
+    except NotStored:
+        return _unavailable("storage is not keeping up")
     return _page(
         request,
         "handoff.html",
@@ -576,8 +609,44 @@ async def submit(request: web.Request) -> web.StreamResponse:
         assignment_id=assignment_id,
         # Everything but assignmentId becomes an answer in MTurk's
         # QuestionFormAnswers; the token lets review find the session.
-        fields=handed_on,
+        fields=[("token", token), *await _first_answer(request, token, kind)],
     )
+
+
+async def _first_answer(request: web.Request, token: str, kind: str) -> list[tuple[str, str]]:
+    """The session's first stored answer, as the hand-off form's fields."""
+    reader = request.app[reader_key]
+    fields: list[tuple[str, str]] = []
+    if kind == "speedtest":
+        # The first submission: its rows share the earliest t (as the views say).
+        async with reader.execute(
+            "SELECT test, download_mbps, upload_mbps, share_url FROM speedtest_reports"
+            " WHERE session_token = ? AND t = (SELECT min(t) FROM speedtest_reports"
+            " WHERE session_token = ?) ORDER BY id",
+            (token, token),
+        ) as cursor:
+            for test, download, upload, share_url in await cursor.fetchall():
+                fields += [
+                    (f"download-{test}", survey.speed_text(download)),
+                    (f"upload-{test}", survey.speed_text(upload)),
+                ]
+                if share_url:
+                    fields.append((f"share-{test}", share_url))
+    elif kind == "tool":
+        async with reader.execute(
+            "SELECT report FROM tool_reports WHERE session_token = ? ORDER BY id LIMIT 1",
+            (token,),
+        ) as cursor:
+            fields += [("report", row[0]) for row in await cursor.fetchall()]
+    else:
+        async with reader.execute(
+            "SELECT red_reported, blue_reported FROM answers WHERE session_token = ?"
+            " ORDER BY id LIMIT 1",
+            (token,),
+        ) as cursor:
+            for red, blue in await cursor.fetchall():
+                fields += [("red", str(red)), ("blue", str(blue))]
+    return fields
 
 
 # -- every path ------------------------------------------------------------------

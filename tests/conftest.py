@@ -124,6 +124,19 @@ async def server(make_config: MakeConfig) -> AsyncIterator[ProbeServer]:
 
 
 @pytest.fixture
+async def turk_server(
+    make_config: MakeConfig, fake_mturk: FakeServer
+) -> AsyncIterator[ProbeServer]:
+    """The probe server, allowed to hand answers on to the fake MTurk's worker site."""
+    server = ProbeServer(make_config(mturk={"rehearsal_worker_sites": [fake_mturk.url]}))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session

@@ -126,7 +126,7 @@ async def test_valid_rewards(mturk, reward):
         (QUESTION.replace("<FrameHeight>0</FrameHeight>", "<FrameHeight>x</FrameHeight>"), "Frame"),
         (
             '<!DOCTYPE x [<!ENTITY a "aaaa">]><ExternalQuestion/>',
-            "not well-formed",
+            "entity declaration",
         ),
     ],
 )

@@ -112,6 +112,31 @@ async def test_wrong_answers_are_handed_on_too(server, http):
     assert handoff_of(text)[1]["red"] == wrong
 
 
+async def test_a_second_answer_is_stored_but_mturk_gets_the_first(server, http, db):
+    """Reports count a session's first answer; the hand-off must send MTurk the same."""
+    page = await load_survey(http, server, ACCEPTED + "https://www.mturk.com")
+    right = str(len(page.red))
+    _, first = await submit(http, server, token=page.token, red=right, blue="1")
+    assert handoff_of(first)[1]["red"] == right
+    # Back, a changed answer, submit again: stored, not counted, not handed on.
+    status, second = await submit(http, server, token=page.token, red="9", blue="7")
+    assert status == 200
+    assert handoff_of(second)[1] == {
+        "assignmentId": "ASSIGNMENT1",
+        "token": page.token,
+        "red": right,
+        "blue": "1",
+    }
+    assert [
+        tuple(r) for r in db("SELECT red_reported, blue_reported FROM answers ORDER BY id")
+    ] == [
+        (int(right), 1),
+        (9, 7),
+    ]
+    (summary,) = db("SELECT red_reported, blue_reported, submissions FROM session_summary")
+    assert tuple(summary) == (int(right), 1, 2)
+
+
 async def test_assignment_id_comes_from_the_session_not_the_form(server, http):
     page = await load_survey(http, server, ACCEPTED + "https://www.mturk.com")
     _, text = await submit(
@@ -221,7 +246,8 @@ PAYLOAD = '"><script>alert(1)</script>'
 
 
 @pytest.mark.parametrize(
-    "name", ["assignmentId", "hitId", "workerId", "turkSubmitTo", "batch", "token", "x"]
+    "name",
+    ["assignmentId", "hitId", "workerId", "turkSubmitTo", "batch", "lang", "survey", "token", "x"],
 )
 async def test_no_script_injection_through_survey_parameters(server, http, name):
     params = {"assignmentId": "A1", "hitId": "H1", "turkSubmitTo": "https://www.mturk.com"}
@@ -235,16 +261,37 @@ async def test_no_script_injection_through_survey_parameters(server, http, name)
         assert response.status == 400
 
 
-@pytest.mark.parametrize("name", ["token", "red", "blue", "assignmentId", "turkSubmitTo"])
-async def test_no_script_injection_through_the_answer_form(server, http, name):
-    page = await load_survey(http, server, ACCEPTED + "https://www.mturk.com")
-    form = {"token": page.token, "red": "1", "blue": "1"}
+# Every field of each kind's form: (field, kind of page).
+FORM_FIELDS = [
+    *((name, "balls") for name in ("token", "red", "blue", "lang", "assignmentId", "turkSubmitTo")),
+    ("report", "tool"),
+    ("lang", "tool"),
+    ("download-ookla", "speedtest"),
+    ("upload-ndt", "speedtest"),
+    ("share-ookla", "speedtest"),
+]
+VALID_FORMS = {
+    "balls": {"red": "1", "blue": "1"},
+    "tool": {"report": "https://spoofer.caida.org/report.php?sessionid=8675309"},
+    "speedtest": {
+        **{
+            f"{d}-{t}": "10" for d in ("download", "upload") for t in ("ookla", "ndt", "cloudflare")
+        },
+        "share-ookla": "https://www.speedtest.net/result/1",
+    },
+}
+
+
+@pytest.mark.parametrize(("name", "kind"), FORM_FIELDS)
+async def test_no_script_injection_through_the_answer_form(server, http, name, kind):
+    page = await load_survey(http, server, f"{ACCEPTED}https://www.mturk.com&survey={kind}")
+    form = {"token": page.token, **VALID_FORMS[kind]}
     form[name] = PAYLOAD
     async with http.post(f"{server.base_urls['ipv4']}/submit", data=form) as response:
         text = await response.text()
     assert "<script>alert" not in text and PAYLOAD not in text
     assert "evil" not in text
-    if name in ("assignmentId", "turkSubmitTo"):  # ignored: the session decides
+    if name in ("assignmentId", "turkSubmitTo", "lang"):  # ignored: the session decides
         assert response.status == 200
         assert handoff_of(text)[0] == "https://www.mturk.com/mturk/externalSubmit"
     else:

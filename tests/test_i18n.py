@@ -90,7 +90,13 @@ def every_page(pages: Pages, language: str) -> list[str]:
         rendered.append(pages.render(language, "survey.html", visit=visit, **common))
         rendered.append(
             pages.render(
-                language, "speedtest.html", visit=visit, tests=tests, max_mbps="10000", **common
+                language,
+                "speedtest.html",
+                visit=visit,
+                tests=tests,
+                min_mbps="0.05",
+                max_mbps="10000",
+                **common,
             )
         )
         rendered.append(
@@ -98,6 +104,7 @@ def every_page(pages: Pages, language: str) -> list[str]:
         )
     rendered.append(pages.render(language, "error.html", message="x"))
     rendered.append(pages.render(language, "thanks.html"))
+    rendered.append(pages.render(language, "repeat.html"))
     rendered.append(
         pages.render(
             language, "handoff.html", submit_url="https://x", assignment_id="A1", fields=[]
@@ -107,9 +114,9 @@ def every_page(pages: Pages, language: str) -> list[str]:
 
 
 def worker_messages() -> list[Message]:
-    """The errors shown to workers, with values for their placeholders."""
+    """The errors and review feedback shown to workers, with values for their placeholders."""
     values = {"name": "hitId", "test": "Ookla", "max": 99, "hosts": "a.b", "tool": "T"}
-    values["example"] = "123"
+    values.update(example="123", shown=3, reported=2, min="0.05")
     found = []
     for text in extracted():
         names = re.findall(r"%\(([a-z_]+)\)", text)

@@ -35,7 +35,8 @@ GOOD = {
     "download-cloudflare": "120",
     "upload-cloudflare": "12.5",
 }
-REPORT = "https://spoofer.caida.org/report.php?sessionid=1234567"
+REPORT = "https://spoofer.caida.org/report.php?sessionid=8675309"
+EXAMPLE = "https://spoofer.caida.org/report.php?sessionid=1234567"  # on the page
 LINK = re.compile(r'<a href="([^"]+)" target="_blank" rel="noopener noreferrer">([^<]+)</a>')
 NAMED_INPUT = re.compile(r'<input type="text"[^>]* name="([^"]+)"')
 
@@ -85,6 +86,10 @@ async def test_speedtest_page_lists_the_tests_and_probes_both_families(server, h
         "download-cloudflare",
         "upload-cloudflare",
     ]
+    # The share link is required: the browser says so before the server does.
+    assert re.search(r'name="share-ookla"[^>]* required>', text)
+    assert "Link to share the result:" in text and "(if the site gives one)" not in text
+    assert "Speeds from 0.05 to 10000 Mbit/s are accepted." in text
     # The passive dual-stack probe: one hidden red and one hidden blue image.
     assert len(page.red) == 1 and len(page.blue) == 1
     assert '<div class="probe" aria-hidden="true">' in text
@@ -134,18 +139,51 @@ async def test_speedtest_reports_are_stored_per_test_and_handed_on(server, http,
     assert view[0] == 3
 
 
+async def test_a_second_report_is_stored_but_mturk_gets_the_first(server, http, db):
+    speedtest, _ = await open_page(
+        http, server, ACCEPTED + "https://www.mturk.com&survey=speedtest"
+    )
+    tool, _ = await open_page(http, server, ACCEPTED + "https://www.mturk.com&survey=tool")
+    assert (await post(http, server, {"token": speedtest.token, **GOOD}))[0] == 200
+    assert (await post(http, server, {"token": tool.token, "report": REPORT}))[0] == 200
+    changed = {**GOOD, "download-ookla": "9999.5", "share-ookla": SHARE + "0"}
+    status, text = await post(http, server, {"token": speedtest.token, **changed})
+    assert status == 200
+    fields = handoff_of(text)[1]
+    assert (fields["download-ookla"], fields["share-ookla"], fields["download-ndt"]) == (
+        "94.5",
+        SHARE,
+        "88.25",
+    )
+    status, text = await post(http, server, {"token": tool.token, "report": "7654321"})
+    assert status == 200 and handoff_of(text)[1]["report"] == REPORT
+    # Both submissions are kept; the views (and so the reports) use the first.
+    assert stored(db) == (6, 2, 0)
+    assert db("SELECT download_mbps FROM speedtest_results WHERE test = 'ookla'")[0][0] == 94.5
+    assert db("SELECT report FROM tool_results")[0][0] == REPORT
+
+
 BAD_SPEEDTESTS = [
     ({"download-ookla": ""}, "Please enter the download speed that Speedtest by Ookla showed"),
     ({"upload-ndt": " "}, "Please enter the upload speed that M-Lab Speed Test (NDT) showed"),
-    ({"download-ookla": "0"}, "must be a number above 0 and at most 10000 Mbit/s"),
-    ({"download-ookla": "-5"}, "must be a number above 0"),
-    ({"upload-ookla": "10001"}, "at most 10000 Mbit/s"),
+    ({"download-ookla": "0"}, "must be a number from 0.05 to 10000 Mbit/s"),
+    ({"download-ookla": "-5"}, "must be a number from 0.05"),
+    # Below min_mbps (0.05 by default): a slip, not a measurement.
+    ({"download-ookla": "0.001"}, "must be a number from 0.05 to 10000 Mbit/s, such as 94.5"),
+    (
+        {"upload-ndt": "0,049"},
+        "The upload speed of M-Lab Speed Test (NDT) must be a number from 0.05",
+    ),
+    ({"upload-ookla": "10001"}, "to 10000 Mbit/s"),
     ({"download-ndt": "1,000.5"}, "The download speed of M-Lab Speed Test (NDT)"),
     ({"download-ndt": "1e3"}, "The download speed of M-Lab Speed Test (NDT)"),
     ({"download-ndt": "NaN"}, "The download speed"),
     ({"download-ndt": "inf"}, "The download speed"),
     ({"download-ndt": "٣"}, "The download speed"),  # an Arabic-Indic digit
     ({"download-ndt": "94.5 Mbps"}, "The download speed"),
+    # Ookla has share_hosts, so its share link is required (share_required's default).
+    ({"share-ookla": ""}, "Please paste the link to share the result that Speedtest by Ookla"),
+    ({"share-ookla": "  "}, "Please paste the link to share the result that Speedtest by Ookla"),
     ({"share-ookla": "https://evil.example/result/1"}, "must be an https:// link on"),
     ({"share-ookla": "http://www.speedtest.net/result/1"}, "https:// link on www.speedtest.net"),
     ({"share-ookla": "https://www.speedtest.net@evil.example/"}, "https:// link"),
@@ -229,6 +267,10 @@ async def test_tool_page_links_the_download_and_stores_a_valid_report(server, ht
         ("https://evil.example/report.php?sessionid=1", "does not look like"),
         (REPORT + "&x=<script>", "does not look like"),
         ("1" * 300, "does not look like"),
+        # The example on the page matches the pattern: not a worker's report.
+        (EXAMPLE, "This is the example from this page."),
+        (f" {EXAMPLE} ", "This is the example from this page."),
+        ("1234567", "This is the example from this page."),
     ],
 )
 async def test_bad_tool_reports_are_refused(server, http, db, report, message):
@@ -254,6 +296,7 @@ async def test_tool_pattern_comes_from_the_config(make_config, http, db):
         page, text = await open_page(http, server, "?survey=tool")
         assert "https://tool.example/download" in text and "PT-123456" in text
         assert (await post(http, server, {"token": page.token, "report": REPORT}))[0] == 400
+        assert (await post(http, server, {"token": page.token, "report": "PT-123456"}))[0] == 400
         assert (await post(http, server, {"token": page.token, "report": "PT-000042"}))[0] == 200
     finally:
         await server.stop()
@@ -282,6 +325,22 @@ async def test_pages_in_the_batch_language(server, http, db, query, language, he
     assert db("SELECT language FROM sessions")[0][0] == language
     # The form carries the language, for errors before the session is found.
     assert f'<input type="hidden" name="lang" value="{language}">' in text
+
+
+async def test_the_example_report_is_refused_in_the_page_language(server, http, db):
+    page, _ = await open_page(http, server, "?survey=tool&lang=tr")
+    status, text = await post(http, server, {"token": page.token, "report": EXAMPLE})
+    assert status == 400 and '<html lang="tr"' in text
+    assert "Bu, bu sayfadaki örnektir." in html.unescape(text)
+    assert stored(db) == (0, 0, 0)
+
+
+def test_what_counts_as_the_example():
+    example = "https://spoofer.caida.org/report.php?sessionid=1234567"
+    assert survey.is_example(example, example) and survey.is_example("1234567", example)
+    assert not survey.is_example("234567", example)  # a different id, not a cut at "="
+    assert not survey.is_example("12345678", example)
+    assert survey.is_example("123456", "PT-123456") and not survey.is_example("PT-1", "PT-123456")
 
 
 async def test_errors_are_in_the_session_language(server, http, db):
@@ -330,8 +389,54 @@ def test_share_links_never_leave_the_tool_site(raw):
 @given(st.floats(min_value=0.001, max_value=10000, allow_nan=False).map(lambda f: round(f, 3)))
 def test_speeds_as_written_are_read_back(value):
     text = f"{value:.3f}".rstrip("0").rstrip(".")
-    assert survey.parse_speed(text, "download", NDT, 10000) == pytest.approx(value)
-    assert survey.parse_speed(text.replace(".", ","), "upload", NDT, 10000) == pytest.approx(value)
+    assert survey.parse_speed(text, "download", NDT, 0.001, 10000) == pytest.approx(value)
+    assert survey.parse_speed(text.replace(".", ","), "upload", NDT, 0.001, 10000) == (
+        pytest.approx(value)
+    )
+
+
+def test_the_floor_and_ceiling_of_speeds():
+    config = SpeedTestConfig(tests=(NDT,), min_mbps=1, max_mbps=100)
+    form = {"download-ndt": "1", "upload-ndt": "100"}
+    (report,) = survey.parse_speedtests(form, config)
+    assert (report.download_mbps, report.upload_mbps) == (1.0, 100.0)
+    with pytest.raises(survey.BadInput, match="from 1 to 100 Mbit/s"):
+        survey.parse_speedtests({**form, "download-ndt": "0.999"}, config)
+    assert SpeedTestConfig().min_mbps == 0.05
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="min_mbps: must be below max_mbps"):
+        SpeedTestConfig(min_mbps=10, max_mbps=10)
+    assert survey.speed_text(1234567.5) == "1234567.5" and survey.speed_text(0.05) == "0.05"
+
+
+async def test_a_share_link_can_be_made_optional(make_config, http, db):
+    config = make_config(
+        speedtest={
+            "tests": [
+                {
+                    "id": "ookla",
+                    "name": "Speedtest by Ookla",
+                    "url": "https://www.speedtest.net/",
+                    "share_hosts": ["www.speedtest.net"],
+                    "share_required": False,
+                }
+            ]
+        }
+    )
+    server = ProbeServer(config)
+    await server.start()
+    try:
+        page, text = await open_page(http, server, "?survey=speedtest")
+        assert "Link to share the result (if the site gives one):" in text
+        assert not re.search(r'name="share-ookla"[^>]* required', text)
+        form = {"token": page.token, "download-ookla": "50", "upload-ookla": "5"}
+        assert (await post(http, server, form))[0] == 200
+    finally:
+        await server.stop()
+    assert [tuple(r) for r in db("SELECT test, share_url FROM speedtest_reports")] == [
+        ("ookla", None)
+    ]
 
 
 def test_a_test_without_share_hosts_ignores_a_share_field():
@@ -339,7 +444,7 @@ def test_a_test_without_share_hosts_ignores_a_share_field():
     form = {"download-ndt": "5", "upload-ndt": "1", "share-ndt": "https://evil.example/"}
     (report,) = survey.parse_speedtests(form, config)
     assert report.share_url is None
-    with pytest.raises(survey.BadInput, match="at most 100 Mbit/s"):
+    with pytest.raises(survey.BadInput, match="to 100 Mbit/s"):
         survey.parse_speedtests({**form, "download-ndt": "101"}, config)
 
 
@@ -350,6 +455,9 @@ def test_config_refuses_bad_pages():
         SpeedTestConfig(tests=(NDT, NDT))
     with pytest.raises(ValidationError, match="https"):
         SpeedTest(id="x", name="X", url="http://x.example/")
+    with pytest.raises(ValidationError, match="share_required: needs share_hosts"):
+        SpeedTest(id="x", name="X", url="https://x.example/", share_required=True)
+    assert OOKLA.requires_share and not NDT.requires_share
     with pytest.raises(ValidationError, match="host name"):
         SpeedTest(id="x", name="X", url="https://x.example/", share_hosts=("https://x.example",))
     with pytest.raises(ValidationError, match="report_example"):

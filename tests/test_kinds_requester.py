@@ -5,12 +5,17 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from probe_server.mturk.experiment import ExperimentError, load_experiment
 from probe_server.mturk.requester import SessionFacts, decide
+from probe_server.server import ProbeServer
 
+from .test_handoff import handoff_of
+from .test_repeat_workers import accept, experiment, open_task, publish
 from .test_requester import Terminal, cli, rows
+from .test_web import Page
 
 EXPERIMENT = """\
 name = "exp"
@@ -148,3 +153,100 @@ def test_review_rule_per_kind(kind, session, action, reason):
         assert decision.session_token == "t"
         assert decision.feedback and decision.feedback.startswith("Thank you")
         assert len(decision.feedback) <= 1024
+
+
+@pytest.mark.parametrize(
+    ("session", "action", "reason"),
+    [
+        (SessionFacts("t", "A1", 1, "tool", 1, "assignment A0 of worker AW0"), "reject", "first"),
+        (SessionFacts("t", "A1", 1, "tool", 1, None), "approve", "tool report stored"),
+        # Nothing stored: the usual rejection, whoever sent what.
+        (SessionFacts("t", "A1", 1, "tool", 0, "session x"), "reject", "no valid tool report"),
+        # A share link seen before: left for a person.
+        (SessionFacts("t", "A1", 1, "speedtest", 3, "session x"), "skip", "share link was sent"),
+    ],
+)
+def test_a_report_id_sent_first_by_another_session(session, action, reason):
+    decision = decide("A1", "AW", "b", {"token": "t"}, [session], kind=session.survey)
+    assert (decision.action, reason in decision.reason) == (action, True)
+
+
+async def test_review_rejects_a_report_id_another_worker_sent_first(
+    tmp_path, turk_server, fake_mturk, http
+):
+    path = experiment(tmp_path, turk_server, 'name = "b"\nreward = "0.20"\nassignments = 3')
+    path.write_text(path.read_text().replace('name = "repeat"', 'name = "tools"\nkind = "tool"'))
+    (hit_id,) = (await publish(path, fake_mturk))["b"]
+    first = await accept(http, fake_mturk, hit_id, "AFIRST")
+    copier = await accept(http, fake_mturk, hit_id, "ACOPIER")
+    report = "https://spoofer.caida.org/report.php?sessionid=4242424"
+    await report_tool(http, turk_server, Page(await open_task(http, first["url"])), report)
+    # The first worker reloads the page and sends their id again: not reuse.
+    await report_tool(http, turk_server, Page(await open_task(http, first["url"])), report, False)
+    await report_tool(http, turk_server, Page(await open_task(http, copier["url"])), report)
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
+    status, out, _ = await cli("hits", "review", str(path), *endpoint)
+    assert status == 0 and "Approved 1, rejected 1" in out, out
+    assignments = fake_mturk.fake.assignments
+    assert assignments[first["assignmentId"]].status == "Approved"
+    copied = assignments[copier["assignmentId"]]
+    assert copied.status == "Rejected"
+    assert "had already been sent to us by another worker" in (copied.feedback or "")
+    assert f"the report id was sent first by assignment {first['assignmentId']}" in out
+
+
+async def report_tool(
+    http: aiohttp.ClientSession, server: ProbeServer, page: Page, report: str, hand_on: bool = True
+) -> None:
+    async with http.post(
+        f"{server.base_urls['ipv4']}/submit", data={"token": page.token, "report": report}
+    ) as response:
+        assert response.status == 200
+        action, fields = handoff_of(await response.text())
+    if hand_on:
+        async with http.post(action, data=fields) as response:
+            assert response.status == 200
+
+
+async def test_review_leaves_a_share_link_another_worker_sent_first(
+    tmp_path, turk_server, fake_mturk, http
+):
+    path = experiment(tmp_path, turk_server, 'name = "b"\nreward = "0.20"\nassignments = 3')
+    path.write_text(
+        path.read_text().replace('name = "repeat"', 'name = "speeds"\nkind = "speedtest"')
+    )
+    (hit_id,) = (await publish(path, fake_mturk))["b"]
+    speeds = {
+        f"{d}-{t}": "20" for d in ("download", "upload") for t in ("ookla", "ndt", "cloudflare")
+    }
+    share = {"share-ookla": "https://www.speedtest.net/result/777"}
+    assigned = []
+    for worker, link in (
+        ("AFIRST", share),
+        ("ACOPIER", share),
+        ("AOWN", {"share-ookla": share["share-ookla"] + "8"}),
+    ):
+        assignment = await accept(http, fake_mturk, hit_id, worker)
+        page = Page(await open_task(http, assignment["url"]))
+        async with http.post(
+            f"{turk_server.base_urls['ipv4']}/submit",
+            data={"token": page.token, **speeds, **link},
+        ) as response:
+            assert response.status == 200
+            action, fields = handoff_of(await response.text())
+        async with http.post(action, data=fields) as response:
+            assert response.status == 200
+        assigned.append(assignment["assignmentId"])
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
+    status, out, _ = await cli("hits", "review", str(path), *endpoint)
+    assert status == 0 and "Approved 2, rejected 0, left 1" in out, out
+    first, copier, own = assigned
+    statuses = {a.assignment_id: a.status for a in fake_mturk.fake.assignments.values()}
+    assert (statuses[first], statuses[copier], statuses[own]) == (
+        "Approved",
+        "Submitted",
+        "Approved",
+    )
+    assert f"a share link was sent first by assignment {first} of worker AFIRST" in out

@@ -13,6 +13,7 @@ import sqlite3
 import struct
 import sys
 import termios
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 from botocore.exceptions import BotoCoreError
 
 from probe_server.cli import main
+from probe_server.i18n import read_catalogue
 from probe_server.mturk.experiment import load_experiment
 from probe_server.mturk.requester import (
     SessionFacts,
@@ -144,6 +146,41 @@ async def test_publish_recovers_a_hit_created_before_a_crash(tmp_path, fake_mtur
     assert rows(tmp_path, "SELECT hit_id FROM hits") == [(hit.hit_id,)]
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ('"0.05"', '"0.07"'),
+            "published with reward 0.05 and 3 assignments, but the"
+            " experiment file now asks for 0.07 and 3",
+        ),
+        (("assignments = 3", "assignments = 4"), "asks for 0.05 and 4"),
+    ],
+)
+async def test_a_recovered_hit_must_match_the_batch(tmp_path, fake_mturk, change, message):
+    """The record of a published batch is lost and the batch changed: the
+    UniqueRequestToken finds the old HIT, which must not be taken for the new one."""
+    path = write_experiment(tmp_path)
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "publish", str(path), *endpoint))[0] == 0
+    (hit_id,) = fake_mturk.fake.hits
+    with contextlib.closing(sqlite3.connect(tmp_path / "probe.db")) as conn, conn:
+        conn.execute("DELETE FROM hits")
+        conn.execute("DELETE FROM batches")
+    path.write_text(path.read_text().replace(*change))
+    status, _, err = await cli("hits", "publish", str(path), *endpoint)
+    assert status == 1, err
+    assert f"MTurk already has HIT {hit_id} for b1 #0" in err and message in err
+    assert "give the changed batch a new name" in err
+    assert list(fake_mturk.fake.hits) == [hit_id]
+    assert rows(tmp_path, "SELECT count(*) FROM hits") == [(0,)]
+    # The batch as it was published: the HIT is found and recorded again.
+    path.write_text(path.read_text().replace(change[1], change[0]))
+    status, out, err = await cli("hits", "publish", str(path), *endpoint)
+    assert status == 0 and "(1 found already created)" in out, out + err
+    assert rows(tmp_path, "SELECT hit_id FROM hits") == [(hit_id,)]
+
+
 async def test_changed_batch_or_other_site_is_refused(tmp_path, fake_mturk):
     path = write_experiment(tmp_path)
     assert (await cli("hits", "publish", str(path), "--endpoint-url", fake_mturk.url))[0] == 0
@@ -197,6 +234,23 @@ async def test_live_publish_on_terminal_confirmation_with_split(tmp_path, fake_m
         assert hit.requirements[-1]["QualificationTypeId"] == qual[0]
         assert hit.requirements[-1]["Comparator"] == "DoesNotExist"
     assert rows(tmp_path, "SELECT sandbox, hit_size FROM batches") == [(0, 7)]
+
+
+async def test_live_publish_beyond_the_balance_needs_a_yes_on_a_terminal(tmp_path, fake_mturk):
+    fake_mturk.fake.balance = Decimal("1.00")
+    path = write_experiment(tmp_path, LARGE)
+    args = ("hits", "publish", str(path), "--live", "--endpoint-url", fake_mturk.url)
+    # --yes answers the cost, not a balance that cannot pay it: a script stops.
+    status, out, err = await cli(*args, "--yes", stdin=io.StringIO("y\n"))
+    assert status == 3, out
+    assert "Account balance: $1.00" in out
+    assert "WARNING: the account balance $1.00 does not cover the cost, up to $1.40" in err
+    assert "--yes does not answer this" in err
+    assert not fake_mturk.fake.hits
+    # Not split (n), then yes to the balance question on a terminal.
+    status, out, err = await cli(*args, stdin=Terminal("n\ny\n"))
+    assert status == 0, out + err
+    assert "WARNING" in err and [h.max_assignments for h in fake_mturk.fake.hits.values()] == [20]
 
 
 async def test_live_publish_with_yes_for_scripts(tmp_path, fake_mturk):
@@ -395,7 +449,7 @@ async def test_review_status_and_expire(tmp_path, fake_mturk):
     statuses = {a.assignment_id: a.status for a in fake.assignments.values()}
     assert statuses[right] == statuses[no_token] == "Approved"
     assert statuses[wrong] == "Rejected" and statuses[unknown] == "Submitted"
-    assert "The page showed 3 red balls and your answer said 2" in (
+    assert "The number of red balls on the page was 3 and your answer said 2" in (
         fake.assignments[wrong].feedback or ""
     )
     assert rows(
@@ -434,6 +488,94 @@ async def test_review_records_what_mturk_refused(tmp_path, fake_mturk):
     assert rows(tmp_path, "SELECT decision, done, error IS NOT NULL FROM reviews") == [
         ("approve", None, 1)
     ]
+
+
+def catalogue_text(language: str, msgid: str, **params: Any) -> str:
+    """A message as the language's catalogue translates it (not as review renders it)."""
+    message = read_catalogue(language).get(msgid)
+    assert message is not None and message.string, msgid
+    return str(message.string) % params if params else str(message.string)
+
+
+async def test_review_feedback_is_in_the_batch_language(tmp_path, fake_mturk):
+    path = write_experiment(
+        tmp_path,
+        'name = "en"\nreward = "0.05"\nassignments = 2',
+        'name = "ja"\nreward = "0.05"\nassignments = 2\nlanguage = "ja"',
+        'name = "hi"\nreward = "0.05"\nassignments = 2\nlanguage = "hi"',
+    )
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "publish", str(path), *endpoint))[0] == 0
+    fake = fake_mturk.fake
+    hit_of = {
+        hit.annotation.split("/")[1]: hit.hit_id for hit in fake.hits.values() if hit.annotation
+    }
+    answered = {}
+    for batch in ("en", "ja", "hi"):
+        right = submit(fake, hit_of[batch], f"AR{batch.upper()}", token=f"r{batch}", red="3")
+        wrong = submit(fake, hit_of[batch], f"AW{batch.upper()}", token=f"w{batch}", red="1")
+        insert_session(tmp_path, f"r{batch}", right, 3)
+        insert_session(tmp_path, f"w{batch}", wrong, 3)
+        answered[batch] = (right, wrong)
+    assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
+    status, out, _ = await cli("hits", "review", str(path), *endpoint)
+    assert status == 0 and "Approved 3, rejected 3" in out, out
+    feedback = {a.assignment_id: a.feedback for a in fake.assignments.values()}
+    wrong_count = (
+        "Thank you for taking part. The number of red balls on the page was %(shown)d and your"
+        " answer said %(reported)d, so we cannot approve this HIT. If you think this is a"
+        " mistake, please write to us through MTurk."
+    )
+    right, wrong = answered["en"]
+    assert feedback[right] == "Thank you for counting the balls!"
+    assert feedback[wrong] == wrong_count % {"shown": 3, "reported": 1}
+    for language in ("ja", "hi"):
+        right, wrong = answered[language]
+        assert feedback[right] == catalogue_text(language, "Thank you for counting the balls!")
+        assert feedback[wrong] == catalogue_text(language, wrong_count, shown=3, reported=1)
+        assert feedback[wrong] != feedback[answered["en"][1]]
+
+
+async def test_review_on_a_low_balance_leaves_the_rest_for_a_later_run(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path, 'name = "b1"\nreward = "0.05"\nassignments = 3')
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "publish", str(path), *endpoint))[0] == 0
+    fake = fake_mturk.fake
+    (hit_id,) = fake.hits
+    paid = submit(fake, hit_id, "APAID", token="tpaid", red="2")
+    fake.advance(1)
+    unpaid = submit(fake, hit_id, "AUNPAID", token="tunpaid", red="2")
+    insert_session(tmp_path, "tpaid", paid, 2)
+    insert_session(tmp_path, "tunpaid", unpaid, 2)
+    assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
+    # Enough for one approval: $0.05 and MTurk's $0.01.
+    fake.balance = Decimal("0.06")
+    status, out, _ = await cli("hits", "review", str(path), *endpoint)
+    assert status == 1, out
+    assert f"approve  {unpaid} b1 worker AUNPAID: red count 2 is right FAILED: This Requester" in (
+        out
+    )
+    assert "insufficient funds" in out
+    assert "1 refused by MTurk, left as they were for a later run" in out
+    assert (fake.assignments[paid].status, fake.assignments[unpaid].status) == (
+        "Approved",
+        "Submitted",
+    )
+    assert fake.balance == 0
+    assert rows(tmp_path, "SELECT assignment_id, status FROM assignments ORDER BY submit_time") == [
+        (paid, "Approved"),
+        (unpaid, "Submitted"),
+    ]
+    # Funds added: the next run approves what is left, and only that.
+    fake.balance = Decimal("5.00")
+    status, out, _ = await cli("hits", "review", str(path), *endpoint)
+    assert status == 0 and "Approved 1, rejected 0, left 0" in out, out
+    assert fake.assignments[unpaid].status == "Approved"
+    assert ": $4.94 " in (await cli("hits", "balance", *endpoint))[1]
+    assert rows(
+        tmp_path,
+        "SELECT assignment_id, done IS NOT NULL, error IS NOT NULL FROM reviews ORDER BY id",
+    ) == [(paid, 1, 0), (unpaid, 0, 1), (unpaid, 1, 0)]
 
 
 async def test_unknown_batch_is_refused(tmp_path, fake_mturk):

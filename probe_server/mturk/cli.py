@@ -11,6 +11,7 @@ import argparse
 import functools
 import sys
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -54,6 +55,24 @@ def _endpoint(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise argparse.ArgumentTypeError(f"expected an http(s):// URL, got {value!r}")
     return value.rstrip("/")
+
+
+def _dollars(value: str) -> Decimal:
+    try:
+        amount = Decimal(value)
+    except ArithmeticError:
+        raise argparse.ArgumentTypeError(f"expected dollars, e.g. 5.00, got {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise argparse.ArgumentTypeError(f"expected dollars, e.g. 5.00, got {value!r}")
+    return amount
+
+
+def _short_of(available: str, cost: Decimal) -> bool:
+    """The balance MTurk reported (a dollar string) is less than the cost."""
+    try:
+        return Decimal(available) < cost
+    except ArithmeticError:
+        return False  # not a number we can read: the balance was printed as is
 
 
 def _target(args: argparse.Namespace) -> Target:
@@ -179,9 +198,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
             saving = plan.cost.total - split_plan.cost.total
             print(
                 f"HITs of 10 or more assignments pay MTurk 40% instead of 20%. Split into HITs"
-                f" of at most {fees.SMALL_HIT_MAX} assignments (each worker still takes one"
-                f" per batch, through exclusion) to pay {fees.dollars(split_plan.cost.total)},"
-                f" saving {fees.dollars(saving)}; --split does it, --no-split keeps it."
+                f" of at most {fees.SMALL_HIT_MAX} assignments to pay"
+                f" {fees.dollars(split_plan.cost.total)}, saving {fees.dollars(saving)};"
+                " --split does it, --no-split keeps it. Each worker is still kept to one HIT"
+                " per batch: MTurk's exclusion takes effect for a worker once `hits sync` has"
+                " granted it, and until then the survey page turns away a worker's second HIT"
+                " and review pays only the first."
             )
             if target.live and not args.yes and ask("Split the batches? [y/N] "):
                 plan = split_plan
@@ -189,16 +211,40 @@ def cmd_publish(args: argparse.Namespace) -> int:
         if target.live:
             balance = await requester.balance()
             print(f"Account balance: ${balance.available}")
-            if not args.yes:
+            cost = fees.dollars(plan.cost.total)
+            short = _short_of(balance.available, plan.cost.total)
+            if short:
+                # MTurk takes each approval's reward and fee from the balance
+                # and refuses the approval once it cannot (and may refuse to
+                # create HITs): published work that cannot be paid.
+                print(
+                    f"WARNING: the account balance ${balance.available} does not cover the"
+                    f" cost, up to {cost}. MTurk refuses to approve assignments once the"
+                    " balance runs out; add funds before the workers finish.",
+                    file=sys.stderr,
+                )
+            if short or not args.yes:
                 question = (
                     f"Publish {plan.new_hits} HITs on the LIVE MTurk site, costing up to"
-                    f" {fees.dollars(plan.cost.total)}? [y/N] "
+                    f" {cost}? [y/N] "
                 )
-                if not ask(question):
-                    print(
-                        "Not published: a live publish needs a yes on a terminal, or --yes.",
-                        file=sys.stderr,
+                if short:
+                    question = (
+                        f"The balance does not cover it. Publish {plan.new_hits} HITs on the LIVE"
+                        f" MTurk site anyway, costing up to {cost}? [y/N] "
                     )
+                if not ask(question):
+                    needs = (
+                        "a yes on a terminal (--yes does not answer this)"
+                        if short
+                        else "a yes on a terminal, or --yes"
+                    )
+                    why = (
+                        "the balance is short, so a live publish needs"
+                        if short
+                        else "a live publish needs"
+                    )
+                    print(f"Not published: {why} {needs}.", file=sys.stderr)
                     return EXIT_NOT_CONFIRMED
         published = await requester.publish(plan)
         created = sum(1 for hit in published if hit.created)
@@ -277,7 +323,7 @@ def cmd_review(args: argparse.Namespace) -> int:
         print(
             f"{verb} {counts['approve']}, {'would reject' if args.dry_run else 'rejected'}"
             f" {counts['reject']}, left {counts['skip']} for you to decide"
-            + (f"; {failed} refused by MTurk" if failed else "")
+            + (f"; {failed} refused by MTurk, left as they were for a later run" if failed else "")
             + (" (dry run: nothing was sent)" if args.dry_run else "")
             + "."
         )
@@ -338,7 +384,7 @@ def cmd_fake(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    return run_async(run_fake(address, port, ready))
+    return run_async(run_fake(address, port, ready, args.balance))
 
 
 # -- the parser ------------------------------------------------------------------------
@@ -410,7 +456,11 @@ def add_commands(commands: Any) -> None:
         parents=[experiment],
         help="apply each kind's rule: right red counts, stored speed-test or tool reports",
     )
-    review.add_argument("--approve-all", action="store_true", help="approve every submission")
+    review.add_argument(
+        "--approve-all",
+        action="store_true",
+        help="approve every submission but a repeat worker's later ones",
+    )
     review.add_argument("--dry-run", action="store_true", help="print the decisions only")
     review.set_defaults(func=cmd_review)
 
@@ -429,6 +479,13 @@ def add_commands(commands: Any) -> None:
         default=DEFAULT_FAKE_LISTEN,
         metavar="ADDRESS:PORT",
         help=f"loopback address and port (default {DEFAULT_FAKE_LISTEN})",
+    )
+    fake.add_argument(
+        "--balance",
+        type=_dollars,
+        metavar="DOLLARS",
+        help="an account balance that approvals pay from and can run out"
+        " (default: like the sandbox, $10,000 that never runs out)",
     )
     fake.set_defaults(func=cmd_fake)
 

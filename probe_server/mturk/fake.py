@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -71,6 +71,7 @@ MAX_SECONDS = 365 * 24 * 3600
 DEFAULT_PAGE = 10
 MAX_PAGE = 100
 SANDBOX_BALANCE = "10000.00"
+CENT = Decimal("0.01")
 
 
 def new_id(length: int = 30) -> str:
@@ -203,6 +204,10 @@ class FakeMTurk:
     request_tokens: dict[str, str] = field(default_factory=dict)
     pages: dict[str, Page] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    # The account's available balance in dollars; None: like the sandbox,
+    # $10,000 that never runs out. With a balance, each approval pays the
+    # reward and MTurk's fee from it, and fails when it cannot, as on MTurk.
+    balance: Decimal | None = None
 
     def now(self) -> float:
         return self.clock() + self.offset
@@ -582,6 +587,16 @@ class FakeMTurk:
             )
         if len(p.get("RequesterFeedback", "")) > 1024:
             raise FakeError("RequesterFeedback can be at most 1024 characters.")
+        if self.balance is not None:
+            cost = self.approval_cost(self.hits[assignment.hit_id])
+            if cost > self.balance:
+                raise FakeError(
+                    "This Requester has insufficient funds in their account to complete this"
+                    " transaction. Please visit https://requester.mturk.com/prepayments/new to"
+                    f" purchase Prepaid HITs. ({int(self.now() * 1000)})",
+                    turk_code="AWS.MechanicalTurk.InsufficientFunds",
+                )
+            self.balance -= cost
         assignment.status = "Approved"
         assignment.approval_time = self.now()
         assignment.rejection_time = None
@@ -604,9 +619,23 @@ class FakeMTurk:
         assignment.feedback = feedback
         return {}
 
+    @staticmethod
+    def approval_cost(hit: Hit) -> Decimal:
+        """What approving one assignment of the HIT takes from the balance.
+
+        The reward and MTurk's fee: 20% of it, 40% on a HIT of 10 or more
+        assignments, at least a cent, rounded half up to the cent.
+        """
+        reward = Decimal(hit.reward)
+        rate = Decimal("0.40") if hit.max_assignments >= 10 else Decimal("0.20")
+        fee = max((reward * rate).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP), CENT)
+        return reward + fee
+
     def GetAccountBalance(self, p: dict[str, Any]) -> dict[str, Any]:
-        # Like the sandbox: the balance never runs out.
-        return {"AvailableBalance": SANDBOX_BALANCE, "OnHoldBalance": "0.00"}
+        if self.balance is None:
+            # Like the sandbox: the balance never runs out.
+            return {"AvailableBalance": SANDBOX_BALANCE, "OnHoldBalance": "0.00"}
+        return {"AvailableBalance": f"{self.balance:.2f}", "OnHoldBalance": "0.00"}
 
     def CreateQualificationType(self, p: dict[str, Any]) -> dict[str, Any]:
         name = p["Name"]
@@ -786,11 +815,23 @@ class FakeMTurk:
 
     def external_submit(self, fields: list[tuple[str, str]]) -> Assignment:
         """What the worker site does with a HIT's form: store the answers, mark it submitted."""
-        self._settle()
         assignment_ids = [value for name, value in fields if name == "assignmentId"]
         if len(assignment_ids) != 1:
             raise WorkerRefused("the form must carry exactly one assignmentId")
-        assignment = self.assignments.get(assignment_ids[0])
+        answer = question_form_answers(
+            (name, value) for name, value in fields if name != "assignmentId"
+        )
+        return self.submit_answer(assignment_ids[0], answer)
+
+    def submit_answer(self, assignment_id: str, answer: str) -> Assignment:
+        """Submit an accepted assignment with ``answer`` as its Answer, exactly as given.
+
+        externalSubmit builds the QuestionFormAnswers XML from a form; a test
+        (or ``/_fake/submit-answer``) can give any text instead: MTurk's own
+        formatting, or something no parser should trust.
+        """
+        self._settle()
+        assignment = self.assignments.get(assignment_id)
         if assignment is None:
             raise WorkerRefused("there is no such assignment")
         if assignment.status == "Abandoned":
@@ -799,9 +840,7 @@ class FakeMTurk:
             raise WorkerRefused("this assignment has already been submitted")
         hit = self.hits[assignment.hit_id]
         now = self.now()
-        assignment.answer = question_form_answers(
-            (name, value) for name, value in fields if name != "assignmentId"
-        )
+        assignment.answer = answer
         assignment.status = "Submitted"
         assignment.submit_time = now
         assignment.auto_approval_time = now + hit.auto_approval_delay
@@ -965,6 +1004,20 @@ async def sim_accept(request: web.Request) -> web.Response:
     return web.json_response({"assignmentId": assignment.assignment_id, "url": url})
 
 
+async def sim_submit_answer(request: web.Request) -> web.Response:
+    """Simulated worker: submit an accepted assignment with this Answer text, verbatim."""
+    fake = request.app[fake_key]
+    body = await _json_body(request)
+    answer = body.get("answer")
+    if not isinstance(answer, str):
+        raise web.HTTPBadRequest(text="answer: the QuestionFormAnswers text\n")
+    try:
+        assignment = fake.submit_answer(str(body.get("assignmentId", "")), answer)
+    except WorkerRefused as e:
+        return _refusal_json(e)
+    return web.json_response({"assignmentId": assignment.assignment_id})
+
+
 async def sim_clock(request: web.Request) -> web.Response:
     """Move the fake's clock forward by ``advance`` seconds."""
     fake = request.app[fake_key]
@@ -1008,6 +1061,7 @@ def create_fake_app(fake: FakeMTurk) -> web.Application:
     app.router.add_post("/mturk/externalSubmit", external_submit)
     app.router.add_post("/_fake/preview", sim_preview)
     app.router.add_post("/_fake/accept", sim_accept)
+    app.router.add_post("/_fake/submit-answer", sim_submit_answer)
     app.router.add_post("/_fake/clock", sim_clock)
     return app
 
@@ -1045,12 +1099,14 @@ class FakeServer:
             await runner.cleanup()
 
 
-async def run_fake(address: str, port: int, on_ready: Callable[[str], None]) -> int:
+async def run_fake(
+    address: str, port: int, on_ready: Callable[[str], None], balance: Decimal | None = None
+) -> int:
     """``probe-server fake-mturk``: serve until SIGTERM or SIGINT."""
     import asyncio
     import signal
 
-    server = FakeServer()
+    server = FakeServer(FakeMTurk(balance=balance))
     url = await server.start(address, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

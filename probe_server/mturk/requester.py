@@ -12,25 +12,30 @@ the sandbox unless the :class:`Target` says live.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import math
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aioboto3
 import aiosqlite
+from babel.support import NullTranslations
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from tqdm import tqdm
 
+from ..i18n import N_, SOURCE_LANGUAGE, Message, languages, load_translations
 from ..store import open_database
 from . import fees
 from .experiment import Batch, Experiment
@@ -51,6 +56,7 @@ LONG_AGO = datetime(2015, 1, 1, tzinfo=UTC)
 LISTED_STATUSES = ["Submitted", "Approved", "Rejected"]
 HIT_ID = re.compile(r"\b(?=[A-Z0-9]*[A-Z])[A-Z0-9]{20,64}\b")
 MAX_FEEDBACK = 1024
+MAX_ANSWER_ERROR = 500
 
 
 @asynccontextmanager
@@ -181,6 +187,49 @@ class Decision:
     red_reported: int | None = None
     feedback: str | None = None
     error: str | None = None
+    # The worker's earlier assignment that makes this one a repeat, if any.
+    repeat_of: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Participation:
+    """One of a worker's assignments in the experiment, as sync recorded it."""
+
+    assignment_id: str
+    hit_id: str
+    batch: str
+    submit_time: float | None = None
+    accept_time: float | None = None
+
+    @property
+    def order(self) -> tuple[float, float, str]:
+        return (
+            math.inf if self.submit_time is None else self.submit_time,
+            math.inf if self.accept_time is None else self.accept_time,
+            self.assignment_id,
+        )
+
+
+def earlier_participation(
+    this: Participation,
+    others: Iterable[Participation],
+    exclude_other_batches: Mapping[str, bool],
+) -> Participation | None:
+    """The worker's first assignment before ``this`` on a HIT that ``this`` HIT excludes.
+
+    The rule of the "took part" qualifications, which MTurk enforces only
+    once sync has granted them: a HIT keeps out the workers of the other
+    HITs of its own batch (a split batch), and of every other batch when its
+    batch has ``exclude_other_batches``. "Before" is by submit time.
+    """
+    excluding = [
+        other
+        for other in others
+        if other.hit_id != this.hit_id
+        and (other.batch == this.batch or exclude_other_batches.get(this.batch, False))
+        and other.order < this.order
+    ]
+    return min(excluding, key=lambda other: other.order, default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +241,9 @@ class SessionFacts:
     # the server stored for it (it stores only valid ones).
     survey: str = "balls"
     reports: int = 0
+    # Who sent the session's report before it (another assignment, or a
+    # session outside MTurk), if anyone did: a report id copied, not earned.
+    reused_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,15 +266,64 @@ def _red(answers: dict[str, str]) -> int | None:
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 3 else None
 
 
-# What review says of each kind's reports, in its reasons and feedback.
+# What review says of each kind's reports, in its reasons (for the researcher,
+# in English).
 REPORTS = {"speedtest": "speed test results", "tool": "tool report"}
+
+# What review says to the worker (RequesterFeedback), in the batch's language:
+# whole sentences, so that each translation can order its words freely.
 THANKS = {
-    "speedtest": "Thank you for running the speed tests!",
-    "tool": "Thank you for running the tool!",
+    "balls": N_("Thank you for counting the balls!"),
+    "speedtest": N_("Thank you for running the speed tests!"),
+    "tool": N_("Thank you for running the tool!"),
 }
+NOT_RECEIVED = {
+    "speedtest": N_(
+        "Thank you for taking part. Your speed test results did not reach our server"
+        " through the survey page, so we cannot approve this HIT. If you think this is a"
+        " mistake, please write to us through MTurk."
+    ),
+    "tool": N_(
+        "Thank you for taking part. Your tool report did not reach our server through the"
+        " survey page, so we cannot approve this HIT. If you think this is a mistake, please"
+        " write to us through MTurk."
+    ),
+}
+NO_RED_COUNT = N_(
+    "Thank you for taking part. We could not read a number of red balls in your answer,"
+    " so we cannot approve this HIT."
+)
+WRONG_RED_COUNT = N_(
+    "Thank you for taking part. The number of red balls on the page was %(shown)d and your"
+    " answer said %(reported)d, so we cannot approve this HIT. If you think this is a"
+    " mistake, please write to us through MTurk."
+)
+THANKS_ALL = N_("Thank you for taking part!")
+REUSED_REPORT = N_(
+    "Thank you for taking part. The report id in your answer had already been sent to us by"
+    " another worker, so it cannot be the report of your own run of the tool, and we cannot"
+    " approve this HIT. If you think this is a mistake, please write to us through MTurk."
+)
+REPEAT = N_(
+    "Thank you for taking part. Each worker may take part in this study only once, and you"
+    " had already submitted another of its HITs before this one, so we cannot approve this"
+    " HIT. Your first HIT is reviewed as usual."
+)
 
 
-def _decide_reports(base: Decision, session: SessionFacts) -> Decision:
+@functools.cache
+def _translations(language: str) -> NullTranslations:
+    # A language without a catalogue (removed since the batch was published)
+    # gets English rather than no review at all.
+    return load_translations(language) if language in languages() else NullTranslations()
+
+
+def worker_feedback(language: str, text: str, **params: Any) -> str:
+    """RequesterFeedback in the worker's (the batch's) language."""
+    return Message(text, params).render(_translations(language))
+
+
+def _decide_reports(base: Decision, session: SessionFacts, language: str) -> Decision:
     """The speedtest and tool rule: approve when the server stored the session's report.
 
     The survey server stores a speedtest submission only when every test's
@@ -232,22 +333,32 @@ def _decide_reports(base: Decision, session: SessionFacts) -> Decision:
     """
     what = REPORTS[session.survey]
     base = replace(base, session_token=session.token)
+    if session.reports > 0 and session.reused_by and session.survey == "tool":
+        # A tool's report id is the proof of a run: the same id from two
+        # workers is one run, and the first to send it made it.
+        return replace(
+            base,
+            action="reject",
+            reason=f"the report id was sent first by {session.reused_by}",
+            feedback=worker_feedback(language, REUSED_REPORT),
+        )
+    if session.reports > 0 and session.reused_by:
+        # A share link is one run's result page: the same link from two
+        # workers is likely a copy, but their speeds may still be their own
+        # (a link pasted from someone else's run by mistake); a person decides.
+        return replace(base, reason=f"a share link was sent first by {session.reused_by}")
     if session.reports > 0:
         return replace(
             base,
             action="approve",
             reason=f"{what} stored, every field valid",
-            feedback=THANKS[session.survey],
+            feedback=worker_feedback(language, THANKS[session.survey]),
         )
     return replace(
         base,
         action="reject",
         reason=f"no valid {what} reached the survey server",
-        feedback=(
-            f"Thank you for taking part. Your {what} did not reach our server through the"
-            " survey page, so we cannot approve this HIT. If you think this is a mistake,"
-            " please write to us through MTurk."
-        ),
+        feedback=worker_feedback(language, NOT_RECEIVED[session.survey]),
     )
 
 
@@ -258,6 +369,7 @@ def decide(
     answers: dict[str, str],
     sessions: Sequence[SessionFacts],
     kind: str | None = None,
+    language: str = SOURCE_LANGUAGE,
 ) -> Decision:
     """Apply the review rule of the session's kind of page.
 
@@ -269,10 +381,10 @@ def decide(
     one whose token came back in the answers, else those opened with its
     assignmentId. ``kind`` is the batch's kind: a session of another kind
     (a worker who changed the URL) is left for a person, as is anything
-    that cannot be matched.
+    that cannot be matched. The feedback is in ``language``, the batch's.
     """
     base = Decision(assignment_id, worker_id, batch, "skip", "")
-    token = answers.get("token")
+    token = answers.get("token", "").strip()
     if token:
         matching = [s for s in sessions if s.token == token]
         if not matching:
@@ -299,7 +411,7 @@ def decide(
             reason=f"the batch shows the {kind} page but the session showed {session.survey}",
         )
     if session.survey in REPORTS:
-        return _decide_reports(base, session)
+        return _decide_reports(base, session, language)
     reported = _red(answers)
     base = replace(base, session_token=session.token, red_expected=session.red_count)
     if reported is None:
@@ -307,10 +419,7 @@ def decide(
             base,
             action="reject",
             reason="no readable red count in the answer",
-            feedback=(
-                "Thank you for taking part. We could not read a number of red balls in"
-                " your answer, so we cannot approve this HIT."
-            ),
+            feedback=worker_feedback(language, NO_RED_COUNT),
         )
     base = replace(base, red_reported=reported)
     if reported == session.red_count:
@@ -318,19 +427,49 @@ def decide(
             base,
             action="approve",
             reason=f"red count {reported} is right",
-            feedback="Thank you for counting the balls!",
+            feedback=worker_feedback(language, THANKS["balls"]),
         )
     return replace(
         base,
         action="reject",
         reason=f"red count {reported}, the page showed {session.red_count}",
-        feedback=(
-            f"Thank you for taking part. The page showed {session.red_count} red"
-            f" ball{'s' if session.red_count != 1 else ''} and your answer said {reported},"
-            " so we cannot approve this HIT. If you think this is a mistake, please write"
-            " to us through MTurk."
+        feedback=worker_feedback(
+            language, WRONG_RED_COUNT, shown=session.red_count, reported=reported
         ),
     )
+
+
+# The sessions an assignment may have answered, with what review needs of
+# them. reused_by: the session's first stored report (a tool's report id,
+# or a share link of its first speed-test submission) was stored earlier by
+# another session not of the same assignment (a reload of the page makes a
+# new session of the same assignment; that is not reuse).
+_OTHER_SESSION = (
+    " JOIN sessions os ON os.token = o.session_token"
+    " WHERE o.session_token <> s.token AND (os.assignment_id IS NULL"
+    " OR s.assignment_id IS NULL OR os.assignment_id <> s.assignment_id)"
+)
+_WHO = (
+    "coalesce('assignment ' || os.assignment_id || ' of worker ' || os.worker_id,"
+    " 'session ' || os.token)"
+)
+SESSION_FACTS = (
+    "SELECT s.token, s.assignment_id, s.red_count, s.survey,"
+    " (SELECT count(*) FROM speedtest_reports r WHERE r.session_token = s.token)"
+    " + (SELECT count(*) FROM tool_reports r WHERE r.session_token = s.token) AS reports,"
+    f" coalesce((SELECT {_WHO}"
+    " FROM tool_reports f JOIN tool_reports o ON o.report = f.report AND o.id < f.id"
+    f"{_OTHER_SESSION}"
+    " AND f.id = (SELECT min(x.id) FROM tool_reports x WHERE x.session_token = s.token)"
+    " ORDER BY o.id LIMIT 1),"
+    f" (SELECT {_WHO}"
+    " FROM speedtest_reports f JOIN speedtest_reports o ON o.share_url = f.share_url"
+    f" AND o.id < f.id{_OTHER_SESSION}"
+    " AND f.session_token = s.token"
+    " AND f.t = (SELECT min(x.t) FROM speedtest_reports x WHERE x.session_token = s.token)"
+    " ORDER BY o.id LIMIT 1)) AS reused_by"
+    " FROM sessions s WHERE s.token = ? OR s.assignment_id = ?"
+)
 
 
 # -- the workflow ------------------------------------------------------------------
@@ -625,6 +764,18 @@ class Requester:
                 ) from None
             hit = (await self.client.get_hit(HITId=found.group(0)))["HIT"]
             created = False
+            try:
+                self._check_existing(hit, planned, index)
+            except RequesterError:
+                # A batch with no HIT recorded was not published as the file
+                # now says: keep no record of it, or the next run would take
+                # the changed values for the published ones.
+                await self.db.execute(
+                    "DELETE FROM batches WHERE name = ?"
+                    " AND NOT EXISTS (SELECT 1 FROM hits WHERE batch = ?)",
+                    (batch.name, batch.name),
+                )
+                raise
         await self.db.execute(
             "INSERT INTO hits (hit_id, batch, hit_type_id, max_assignments, created, expires,"
             " sandbox, hit_index, request_token, reward, hit_group_id,"
@@ -654,6 +805,29 @@ class Requester:
         return PublishedHit(
             batch.name, hit["HITId"], hit.get("HITGroupId", ""), hit["MaxAssignments"], created
         )
+
+    def _check_existing(self, hit: dict[str, Any], planned: PlannedBatch, index: int) -> None:
+        """The HIT a UniqueRequestToken found is the one this batch would create.
+
+        The token comes from experiment, batch and HIT number only, so a
+        batch changed in the file after a run that died (its record lost)
+        finds the HIT of the old batch; recording that as the new one would
+        pay the old reward for the wrong number of assignments.
+        """
+        batch = planned.batch
+        size = planned.hit_sizes[index]
+        reward, assignments = hit.get("Reward"), hit.get("MaxAssignments")
+        try:
+            same_reward = Decimal(str(reward)) == batch.reward_amount
+        except ArithmeticError:
+            same_reward = False
+        if not same_reward or assignments != size:
+            raise RequesterError(
+                f"MTurk already has HIT {hit['HITId']} for {batch.name} #{index} (its"
+                f" UniqueRequestToken), published with reward {reward} and {assignments}"
+                f" assignments, but the experiment file now asks for {batch.reward} and {size};"
+                " expire that HIT if it is not wanted, and give the changed batch a new name"
+            )
 
     def preview_url(self, hit_group_id: str) -> str | None:
         """Where a worker sees the HITs (None for a fake endpoint)."""
@@ -718,13 +892,15 @@ class Requester:
             for row in hits:
                 rows = []
                 async for a in self._assignments_of(row["hit_id"]):
+                    error = None
                     try:
                         answers = parse_answers(a.get("Answer") or "<QuestionFormAnswers/>")
                     except BadXML as e:
+                        error = str(e)[:MAX_ANSWER_ERROR]
                         log.warning(
                             "event=unreadable_answer assignment=%s error=%r",
                             a["AssignmentId"],
-                            str(e),
+                            error,
                         )
                         answers = {}
                     review_time = a.get("ApprovalTime") or a.get("RejectionTime")
@@ -738,6 +914,7 @@ class Requester:
                             _t(a.get("SubmitTime")),
                             _t(review_time),
                             json.dumps(answers, sort_keys=True),
+                            error,
                             now,
                         )
                     )
@@ -753,11 +930,12 @@ class Requester:
                 async with self._transaction():
                     await self.db.executemany(
                         "INSERT INTO assignments (assignment_id, hit_id, worker_id, status,"
-                        " accept_time, submit_time, review_time, answers, synced)"
-                        " VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (assignment_id) DO UPDATE SET"
+                        " accept_time, submit_time, review_time, answers, answer_error, synced)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (assignment_id) DO UPDATE SET"
                         " status = excluded.status, accept_time = excluded.accept_time,"
                         " submit_time = excluded.submit_time, review_time = excluded.review_time,"
-                        " answers = excluded.answers, synced = excluded.synced",
+                        " answers = excluded.answers, answer_error = excluded.answer_error,"
+                        " synced = excluded.synced",
                         rows,
                     )
                 bar.update(1)
@@ -797,48 +975,132 @@ class Requester:
 
     # -- review ------------------------------------------------------------------------
 
+    async def _participations(self) -> dict[str, list[Participation]]:
+        """Every synced assignment of the experiment, by worker."""
+        names = [b.name for b in self.experiment.batches]
+        placeholders = ",".join("?" * len(names))
+        by_worker: dict[str, list[Participation]] = {}
+        for row in await self._rows(
+            "SELECT a.assignment_id, a.hit_id, a.worker_id, a.submit_time, a.accept_time,"
+            " h.batch FROM assignments a JOIN hits h ON h.hit_id = a.hit_id"
+            f" WHERE h.sandbox = ? AND h.batch IN ({placeholders})",
+            self.target.sandbox,
+            *names,
+        ):
+            by_worker.setdefault(row["worker_id"], []).append(
+                Participation(
+                    row["assignment_id"],
+                    row["hit_id"],
+                    row["batch"],
+                    row["submit_time"],
+                    row["accept_time"],
+                )
+            )
+        return by_worker
+
+    def _repeat(self, row: aiosqlite.Row, first: Participation) -> Decision:
+        """Reject a repeat worker's later assignment: the first one is the one paid."""
+        if first.batch == row["batch"]:
+            rule = f"another HIT ({first.hit_id}) of split batch {first.batch}"
+        else:
+            rule = f"batch {first.batch}, which batch {row['batch']} excludes"
+        return Decision(
+            row["assignment_id"],
+            row["worker_id"],
+            row["batch"],
+            "reject",
+            f"repeat worker: took part first through assignment {first.assignment_id} in {rule};"
+            " only the first is paid",
+            feedback=worker_feedback(row["language"], REPEAT),
+            repeat_of=first.assignment_id,
+        )
+
+    async def _judge(self, row: aiosqlite.Row) -> Decision:
+        """The kind's rule for an assignment that is not a repeat."""
+        if row["answer_error"] is not None:
+            # Our parser's failure, not the worker's: a person looks at it.
+            return Decision(
+                row["assignment_id"],
+                row["worker_id"],
+                row["batch"],
+                "skip",
+                f"MTurk's answer could not be read ({row['answer_error']}); see the"
+                " assignment in the requester site",
+            )
+        answers = json.loads(row["answers"] or "{}")
+        sessions = [
+            SessionFacts(
+                s["token"],
+                s["assignment_id"],
+                s["red_count"],
+                s["survey"],
+                s["reports"],
+                s["reused_by"],
+            )
+            for s in await self._rows(
+                SESSION_FACTS, answers.get("token", "").strip(), row["assignment_id"]
+            )
+        ]
+        return decide(
+            row["assignment_id"],
+            row["worker_id"],
+            row["batch"],
+            answers,
+            sessions,
+            kind=row["kind"],
+            language=row["language"],
+        )
+
     async def decisions(self, *, approve_all: bool = False) -> list[Decision]:
-        """What review would do with every submitted, not yet reviewed assignment."""
+        """What review would do with every submitted, not yet reviewed assignment.
+
+        A worker who took part through an assignment that this one's HIT
+        excludes (:func:`earlier_participation`: possible before sync granted
+        the exclusion) has their later assignments rejected, with feedback
+        that says why, even with ``approve_all``; the first is reviewed as
+        any other.
+        """
         names = [b.name for b in self.experiment.batches]
         placeholders = ",".join("?" * len(names))
         rows = await self._rows(
-            "SELECT a.assignment_id, a.worker_id, a.answers, h.batch, b.kind FROM assignments a"
+            "SELECT a.assignment_id, a.hit_id, a.worker_id, a.submit_time, a.accept_time,"
+            " a.answers, a.answer_error, h.batch, b.kind, b.language FROM assignments a"
             " JOIN hits h ON h.hit_id = a.hit_id JOIN batches b ON b.name = h.batch"
             f" WHERE a.status = 'Submitted' AND h.sandbox = ? AND h.batch IN ({placeholders})"
             " ORDER BY a.submit_time, a.assignment_id",
             self.target.sandbox,
             *names,
         )
+        participations = await self._participations()
+        exclude_other_batches = {
+            r["name"]: bool(r["exclude_other_batches"])
+            for r in await self._rows(
+                f"SELECT name, exclude_other_batches FROM batches WHERE name IN ({placeholders})",
+                *names,
+            )
+        }
         decisions = []
         for row in rows:
-            answers = json.loads(row["answers"] or "{}")
-            sessions = [
-                SessionFacts(
-                    s["token"], s["assignment_id"], s["red_count"], s["survey"], s["reports"]
-                )
-                for s in await self._rows(
-                    "SELECT s.token, s.assignment_id, s.red_count, s.survey,"
-                    " (SELECT count(*) FROM speedtest_reports r WHERE r.session_token = s.token)"
-                    " + (SELECT count(*) FROM tool_reports r WHERE r.session_token = s.token)"
-                    " AS reports FROM sessions s WHERE s.token = ? OR s.assignment_id = ?",
-                    answers.get("token", ""),
-                    row["assignment_id"],
-                )
-            ]
-            decision = decide(
+            this = Participation(
                 row["assignment_id"],
-                row["worker_id"],
+                row["hit_id"],
                 row["batch"],
-                answers,
-                sessions,
-                kind=row["kind"],
+                row["submit_time"],
+                row["accept_time"],
             )
+            first = earlier_participation(
+                this, participations.get(row["worker_id"], []), exclude_other_batches
+            )
+            if first is not None:
+                decisions.append(self._repeat(row, first))
+                continue
+            decision = await self._judge(row)
             if approve_all and decision.action != "approve":
                 decision = replace(
                     decision,
                     action="approve",
                     reason=f"--approve-all (else: {decision.action}: {decision.reason})",
-                    feedback="Thank you for taking part!",
+                    feedback=worker_feedback(row["language"], THANKS_ALL),
                 )
             decisions.append(decision)
         return decisions
@@ -977,6 +1239,7 @@ __all__ = [
     "BotoCoreError",
     "ClientError",
     "Decision",
+    "Participation",
     "Plan",
     "PlannedBatch",
     "PublishedHit",
@@ -986,6 +1249,8 @@ __all__ = [
     "Target",
     "account_balance",
     "decide",
+    "earlier_participation",
     "mturk_client",
     "open_requester",
+    "worker_feedback",
 ]
