@@ -380,7 +380,7 @@ class FastConnection(GuardedConnection):
         if transport is None or transport.is_closing():
             return  # the client went away; its row is stored all the same
         balls.answered += 1
-        close = self._close_after or self._eof
+        close = self._close_after or self._eof or balls.closing
         transport.write(
             head
             + b"Date: "

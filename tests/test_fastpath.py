@@ -389,8 +389,9 @@ async def test_sigterm_answers_fast_requests_in_flight(server, db):
             await until(lambda: any(c.waiting is not None for c in fast.connections))
             stopping = asyncio.ensure_future(server.stop())
             assert await idle.closed()  # idle: closed at once
-        status, _, body = await busy.response()  # busy: answered once stored
+        status, headers, body = await busy.response()  # busy: answered once stored
         assert (status, body) == (200, images.BLUE_BALL)
+        assert headers["connection"] == "close"  # ... and closed at once, not kept alive
         assert await busy.closed()
         await stopping
     finally:
