@@ -39,8 +39,11 @@ from probe_server.analysis.stats import wilson
 from probe_server.cli import main
 from probe_server.config import ConfigError, load_config
 from probe_server.images import BLUE_BALL, PIXEL
+from probe_server.keys import secret_key
 from probe_server.server import ProbeServer
+from probe_server.store import migrations, open_sync
 from probe_server.testing import write_config
+from probe_server.tokens import LABEL_LENGTH, looks_like_token, new_token, session_label
 
 from .conftest import MakeConfig
 from .dns_client import endpoint
@@ -460,19 +463,53 @@ def test_beacon_body_as_the_script_sends_it():
     assert beacon.probes["ipv6"].duration == 12.4 and beacon.probes["mtu"].state == "pending"
 
 
-async def test_beacon_rows_and_the_last_report_wins(battery_server, db):
-    client = Client(ipv6=False, ds_over=None, final=False, beacon={"ds": "pending"})
-    page = await client.visit(battery_server)
-    assert outcome(db, page.token)["broken_dual_stack"] is None
-    # A later, final report on the same page: the dual-stack fetch timed out.
-    async with aiohttp.ClientSession() as http:
-        body = {"token": page.token, "final": True, "probes": {"ds": {"state": "timeout"}}}
-        url = battery_server.base_urls["ipv4"] + battery.BEACON_PATH
+async def post_beacon(
+    server: ProbeServer, token: str, probes: dict[str, str], final: bool, source: str
+) -> None:
+    connector = aiohttp.TCPConnector(local_addr=(source, 0))
+    async with aiohttp.ClientSession(connector=connector) as http:
+        body = {
+            "token": token,
+            "final": final,
+            "probes": {name: {"state": state} for name, state in probes.items()},
+        }
+        url = server.base_urls["ipv4"] + battery.BEACON_PATH
         async with http.post(url, data=json.dumps(body)) as response:
-            assert response.status == 204
-    assert outcome(db, page.token)["broken_dual_stack"] == 1
-    rows = db("SELECT final, probe, state, at_ms FROM beacons ORDER BY id")
-    assert [tuple(r) for r in rows] == [(0, "ds", "pending", 12.5), (1, "ds", "timeout", None)]
+            assert response.status == 204, await response.text()
+
+
+async def test_only_the_first_beacon_from_the_pages_address_counts(battery_server, db):
+    # The page's own browser (127.0.0.1) closes it while the dual-stack probe
+    # is still loading. Whoever else learnt the token (a resolver on the
+    # way, before labels; anyone who saw the page) sends reports that would
+    # make it a timeout, a broken dual stack: one from elsewhere before the
+    # browser's, one from the page's address after it. Neither counts.
+    client = Client(ipv6=False, ds_over=None)
+    page = await client.visit(battery_server)
+    await post_beacon(battery_server, page.token, {"ds": "timeout"}, True, "127.0.0.2")
+    await post_beacon(battery_server, page.token, {"ds": "pending"}, False, "127.0.0.1")
+    await post_beacon(battery_server, page.token, {"ds": "timeout"}, True, "127.0.0.1")
+    assert outcome(db, page.token)["broken_dual_stack"] is None
+    (ds,) = db(
+        "SELECT result, beacon_state FROM battery_probes WHERE session_token = ? AND probe = 'ds'",
+        page.token,
+    )
+    assert tuple(ds) == ("pending", "pending")
+    # Every report is kept, for whoever wants to study them.
+    rows = db("SELECT addr, final, state FROM beacons ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        ("127.0.0.2", 1, "timeout"),
+        ("127.0.0.1", 0, "pending"),
+        ("127.0.0.1", 1, "timeout"),
+    ]
+
+
+async def test_a_beacon_from_elsewhere_alone_leaves_the_probe_unexplained(battery_server, db):
+    client = Client(ipv6=False, ds_over=None)
+    page = await client.visit(battery_server)
+    await post_beacon(battery_server, page.token, {"ds": "timeout"}, True, "127.0.0.2")
+    row = outcome(db, page.token)
+    assert row["ds_result"] == "missing" and row["broken_dual_stack"] == 1
 
 
 async def test_the_papers_page_is_one_setting(server, http, db):
@@ -529,18 +566,20 @@ def test_session_labels_only_on_named_urls():
         labels=("ipv6", "ds", "v6ns"),
     )
     bases = {"ipv4": "https://survey.example.org", "ipv6": "https://v6.example.org"}
-    page = battery.page(config, {**bases, "literal": ""}, "t" * 32)
+    token, label = "t" * 32, "l" * 24
+    page = battery.page(config, {**bases, "literal": ""}, token, label)
     urls = {probe.name: probe.url for probe in page.probes}
-    token = "t" * 32
+    # The label goes into host names, the token into paths only.
     assert page.red_base == "https://survey.example.org"
-    assert page.blue_base == f"https://{token}.v6.example.org"
+    assert page.blue_base == f"https://{label}.v6.example.org"
     assert urls == {
-        "ds": f"https://{token}.ds.example.org/ds/{token}.png",
-        "mtu": f"https://{token}.v6.example.org/mtu/{token}/large.png",
-        "v6ns": f"https://{token}.ds.v6ns.example.org:8443/v6ns/{token}.png",
+        "ds": f"https://{label}.ds.example.org/ds/{token}.png",
+        "mtu": f"https://{label}.v6.example.org/mtu/{token}/large.png",
+        "v6ns": f"https://{label}.ds.v6ns.example.org:8443/v6ns/{token}.png",
         "literal": f"https://[2001:db8::10]/literal/{token}.png",
     }
     assert page.v6ns_host == "ds.v6ns.example.org"
+    assert page.label == label
 
 
 @pytest.mark.parametrize(
@@ -742,8 +781,15 @@ async def browse(server: ProbeServer, resolver_family: str) -> tuple[Page, dict[
 async def test_per_session_names_join_the_resolvers_family(named_server, db):
     page, statuses = await browse(named_server, "ipv6")
     token = page.token
-    assert page.red[0].startswith(f"http://{token}.survey.loop.test:")
-    assert page.probes["ds"].startswith(f"http://{token}.ds.loop.test:")
+    label = session_label(named_server.app[secret_key], token)
+    assert page.red[0].startswith(f"http://{label}.survey.loop.test:")
+    assert page.probes["ds"].startswith(f"http://{label}.ds.loop.test:")
+    # The token, which /submit and /beacon accept, is in no host name: not
+    # in a DNS query, not in TLS's SNI.
+    assert not any(token in (urlsplit(url).hostname or "") for url in page.probes.values())
+    assert not db("SELECT 1 FROM dns_queries WHERE lower(qname) LIKE ?", f"%{token}%")
+    (stored,) = db("SELECT label FROM battery_pages WHERE session_token = ?", token)
+    assert stored["label"] == label
     assert statuses == dict.fromkeys(["ipv4", "ipv6", *ALL_PROBES], 200)
     # The dual-stack name came over IPv6: AAAA first, as a browser preferring IPv6.
     row = outcome(db, token)
@@ -754,16 +800,15 @@ async def test_per_session_names_join_the_resolvers_family(named_server, db):
     for name in ("survey.loop.test.", "v6.loop.test.", "ds.loop.test.", "ds.v6ns.loop.test."):
         assert (name, "ipv6", "AAAA") in asked, asked
     assert db("SELECT count(*) FROM dns_queries WHERE qname <> lower(qname)")[0][0] > 0
-    # The join reads the label index, not the whole query log.
-    plan = " ".join(
-        r[3]
-        for r in db(
-            "EXPLAIN QUERY PLAN SELECT 1 FROM dns_queries d WHERE lower(substr(d.qname, 1, 32)) = ?"
-            " AND substr(d.qname, 33, 1) = '.' AND d.family = 'ipv6'",
-            token,
-        )
-    )
-    assert "dns_queries_label" in plan
+    # Both joins search the label index for each session; they never scan
+    # the query log (or the whole index, as schema 7's did).
+    for view in ("session_dns", "battery_outcomes"):
+        plan = [
+            r[3]
+            for r in db(f"EXPLAIN QUERY PLAN SELECT * FROM {view} WHERE session_token = ?", token)
+        ]
+        assert any(step.startswith("SEARCH d USING INDEX dns_queries_label") for step in plan), plan
+        assert not any(step.startswith("SCAN d") for step in plan), plan
 
 
 async def test_a_resolver_without_ipv6_misses_the_v6ns_name(named_server, db):
@@ -782,3 +827,68 @@ async def test_a_resolver_without_ipv6_misses_the_v6ns_name(named_server, db):
         "ds.v6ns.loop.test.",
     )
     assert {tuple(r) for r in referral} == {("ipv4", "NOERROR")}
+
+
+def test_a_label_is_a_keyed_hash_of_the_token_never_a_token():
+    secret, other = b"s" * 32, b"o" * 32
+    token = new_token(secret)
+    label = session_label(secret, token)
+    assert label == session_label(secret, token)  # derived, so stable
+    assert label != session_label(other, token)  # keyed: no secret, no label
+    assert len(label) == LABEL_LENGTH and re.fullmatch(r"[a-z2-7]+", label)
+    assert not looks_like_token(label)
+    assert label not in token and token[:LABEL_LENGTH] != label
+
+
+async def test_a_label_is_accepted_nowhere(named_server, db):
+    page, _ = await browse(named_server, "ipv4")
+    label = session_label(named_server.app[secret_key], page.token)
+    base = named_server.base_urls["ipv4"]
+    connector = aiohttp.TCPConnector(resolver=OurDns(named_server, "ipv4"), use_dns_cache=False)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        form = {"token": label, "red": "1", "blue": "0"}
+        async with http.post(f"{base}/submit", data=form) as response:
+            assert response.status == 400
+        body = json.dumps({"token": label, "final": True, "probes": {"ds": {"state": "timeout"}}})
+        async with http.post(f"{base}{battery.BEACON_PATH}", data=body) as response:
+            assert response.status == 400
+        async with http.get(f"{base}/red/{label}/1.png") as response:
+            assert response.status == 200  # served, as any forged token is, but not ours
+    assert not db("SELECT 1 FROM answers") and not db("SELECT 1 FROM beacons")
+    assert not db("SELECT 1 FROM requests WHERE token = ? AND token_ok = 1", label)
+
+
+def test_pages_labelled_with_their_token_before_schema_9_still_join(tmp_path):
+    # A database of schema 8, whose labelled names began with the token.
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for version, _, script in migrations():
+        if version <= 8:
+            conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
+    token = "a" * 32
+    conn.execute(
+        "INSERT INTO sessions (token, created, ipv4, port, user_agent, red_count, blue_count,"
+        " visit) VALUES (?, 0, '192.0.2.10', 1, '', 1, 1, 'direct')",
+        (token,),
+    )
+    conn.execute(
+        'INSERT INTO battery_pages VALUES (?, \'["ipv4","ipv6","v6ns"]\', \'["v6ns"]\', 0,'
+        " 'ds.v6ns.example.org')",
+        (token,),
+    )
+    conn.execute(
+        "INSERT INTO dns_queries (t, family, addr, port, transport, qname, qtype, rcode, size,"
+        " truncated, rrl) VALUES (0, 'ipv6', '2001:db8::53', 1, 'udp', ?, 'A', 'NOERROR', 60,"
+        " 0, 'pass')",
+        (f"{token.upper()}.ds.V6ns.example.org.",),
+    )
+    conn.close()
+    conn = open_sync(path)
+    conn.row_factory = sqlite3.Row
+    (page,) = conn.execute("SELECT label FROM battery_pages").fetchall()
+    assert page["label"] == token
+    (asked,) = conn.execute("SELECT name, family FROM session_dns").fetchall()
+    assert tuple(asked) == ("ds.v6ns.example.org.", "ipv6")
+    (row,) = conn.execute("SELECT v6ns_asked_over_ipv6, resolver_ipv6 FROM battery_outcomes")
+    assert tuple(row) == (1, 1)
+    conn.close()
