@@ -16,8 +16,10 @@ provides them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import select
 import signal
 import sqlite3
 import subprocess
@@ -134,13 +136,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
         },
     )
     shots = os.environ.get("PROBE_LAB_SCREENSHOTS")
-    with netlab.Lab() as built:
+    # SIGTERM or SIGHUP (a CI job cancelled, a terminal closed) raise, so
+    # the teardown below and the Lab's own run as after a failure.
+    with netlab.signals_interrupt(), netlab.Lab() as built:
         state = LabRun(built, workdir)
         server = ServerProcess(config, workdir, prefix=built.command("server", []))
         loop = asyncio.new_event_loop()
-        loop.run_until_complete(server.start())
         resolvers = []
+        status = None
         try:
+            loop.run_until_complete(server.start())
             for resolver in netlab.default_resolvers():
                 resolvers.append(netlab.RunningResolver(built, resolver, workdir / resolver.role))
             for role in CLIENTS:
@@ -152,12 +157,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
         finally:
             for running in resolvers:
                 running.stop()
-            # SIGTERM flushes every queued row (DNS rows are not held for
-            # their commit), so the tests read a complete database.
-            server.kill(signal.SIGTERM)
-            status = loop.run_until_complete(_stopped(server))
+            if server.process is not None and server.process.returncode is None:
+                # SIGTERM flushes every queued row (DNS rows are not held
+                # for their commit), so the tests read a complete database.
+                with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                    server.kill(signal.SIGTERM)
+                status = loop.run_until_complete(_stopped(server))
             loop.close()
-            assert status == 0, server.stderr.decode()[-2000:]
+        # Outside the finally: a failed visit is reported as itself, not
+        # hidden behind the server's exit status.
+        assert status == 0, server.stderr.decode()[-2000:]
         state.report = _report(workdir)
         yield state
 
@@ -390,6 +399,111 @@ def test_lab_is_torn_down_after_a_failure_and_after_a_dead_run() -> None:
     netlab.sweep_stale()
     assert not any(n.startswith(dead.ns("")) for n in netlab._live_namespaces())
     assert not (netlab.NETNS_ETC / dead.ns("server")).exists()
+
+
+# A process that holds a lab: two hosts, a resolver file, and a process in
+# the server's namespace that ignores SIGTERM (as a server busy flushing
+# might), which only SIGKILL stops. It says where that process is, then
+# waits for a signal.
+HOLDER = """
+import json, signal, subprocess, sys
+from probe_server import lab as netlab
+
+STUBBORN = (
+    "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+    " print('up', flush=True); signal.pause()"
+)
+hosts = [
+    netlab.Host("server", "192.0.2.1/24"),
+    netlab.Host("client", "192.0.2.10/24", resolver="192.0.2.1"),
+]
+with netlab.signals_interrupt(), netlab.Lab(hosts) as built:
+    inside = subprocess.Popen(
+        built.command("server", [sys.executable, "-c", STUBBORN]),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert inside.stdout.readline() == "up\\n"
+    print(json.dumps({"inside": inside.pid}), flush=True)
+    signal.pause()
+"""
+
+
+class Holder:
+    """A child process holding a lab, and a pidfd on the process inside it."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", HOLDER],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line, self.process.communicate(timeout=30)
+        self.inside = json.loads(line)["inside"]
+        self.pidfd = os.pidfd_open(self.inside)
+        self.prefix = f"{netlab.PREFIX}-{self.process.pid}-"
+        assert netlab.namespace_pids(self.prefix + "server") == [self.inside]
+        assert (netlab.NETNS_ETC / (self.prefix + "client") / "resolv.conf").exists()
+
+    def wait(self) -> int:
+        _, stderr = self.process.communicate(timeout=60)
+        self.stderr = stderr
+        return self.process.returncode
+
+    def left_behind(self) -> list[str]:
+        left = [n for n in netlab._live_namespaces() if n.startswith(self.prefix)]
+        if netlab.NETNS_ETC.is_dir():
+            left += [str(e) for e in netlab.NETNS_ETC.iterdir() if e.name.startswith(self.prefix)]
+        # The pidfd turns readable once the process has exited.
+        readable, _, _ = select.select([self.pidfd], [], [], 10)
+        if not readable:
+            left.append(f"process {self.inside}")
+        return left
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_lab_stopped_by_a_signal_leaves_nothing(signum: int) -> None:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    holder = Holder()
+    try:
+        holder.process.send_signal(signum)
+        status = holder.wait()
+        # The signal became an exception: the Lab's teardown ran and the
+        # process ended with the traceback of the interrupt, not silently.
+        assert "Interrupted: lab interrupted by" in holder.stderr, holder.stderr
+        assert status != 0
+        assert holder.left_behind() == []
+    finally:
+        holder.close()
+
+
+def test_a_lab_killed_outright_is_swept_by_the_next() -> None:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    holder = Holder()
+    try:
+        # SIGKILL runs no teardown: namespaces, resolver files and the
+        # process inside stay, until the next lab sweeps them away.
+        holder.process.kill()
+        holder.wait()
+        assert netlab.namespace_pids(holder.prefix + "server") == [holder.inside]
+        netlab.sweep_stale()
+        assert holder.left_behind() == []
+    finally:
+        holder.close()
 
 
 # -- the measurement battery ------------------------------------------------------
