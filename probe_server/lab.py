@@ -127,12 +127,15 @@ table ip6 lab_broken {
 }
 """
 RESOLVER_V4, RESOLVER_V6 = "192.0.2.2", "2d00:1::2"
+# The fake MTurk's worker site (`probe-server fake-mturk`), where answers are
+# handed on: IPv4 only, as the survey itself.
+MTURK_V4 = "192.0.2.5"
 RESOLVER4_V4 = "192.0.2.3"
 NOAAAA_V4, NOAAAA_V6 = "192.0.2.4", "2d00:1::4"
 
 
 def default_hosts() -> list[Host]:
-    """The clients of the issues, their resolvers and a router.
+    """The clients of the issues, their resolvers, a router and MTurk's worker site.
 
     IPv4-only, dual-stack native, 6to4, Teredo and IPv6-only clients (the
     paper's kinds); a dual-stack client whose resolver has IPv4 only, one
@@ -149,6 +152,7 @@ def default_hosts() -> list[Host]:
         Host("resolver", f"{RESOLVER_V4}/24", (f"{RESOLVER_V6}/64",)),
         Host("resolver4", f"{RESOLVER4_V4}/24"),
         Host("resolvernoaaaa", f"{NOAAAA_V4}/24", (f"{NOAAAA_V6}/64",)),
+        Host("mturk", f"{MTURK_V4}/24"),
         Host("v4only", "192.0.2.10/24", (), resolver=RESOLVER_V4),
         Host("dualstack", "192.0.2.20/24", ("2d00:1::20/64",), resolver=RESOLVER_V4),
         Host(
