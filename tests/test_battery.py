@@ -627,15 +627,16 @@ async def test_report_has_the_battery_beside_the_papers_tables(battery_server, t
     # The paper's keys are all still there, unchanged.
     assert {"sessions", "adoption", "countries", "providers", "batches", "previews"} <= set(report)
     section = report["battery"]
-    assert section["sessions"] == 4
+    assert (section["sessions"], section["ipv4_addresses"]) == (4, 4)
+    assert section["unit"] == "ipv4_addresses"
     assert set(section["outcomes"]) == {*results.OUTCOMES, *results.HINTS}
     capable = section["outcomes"]["ipv6_capable"]
-    assert (capable["sessions"], capable["yes"]) == (4, 2)
+    assert (capable["ipv4_addresses"], capable["yes"]) == (4, 2)
     low, high = wilson(2, 4)
     assert capable["ci95_low"] == pytest.approx(low) and capable["ci95_high"] == pytest.approx(high)
     assert section["outcomes"]["broken_dual_stack"]["yes"] == 1
     assert section["outcomes"]["mtu_trouble"] == {
-        "sessions": 2,
+        "ipv4_addresses": 2,
         "yes": 1,
         "rate": 0.5,
         "ci95_low": pytest.approx(wilson(1, 2)[0]),
@@ -662,9 +663,33 @@ async def test_report_has_the_battery_beside_the_papers_tables(battery_server, t
     assert "## Beyond the paper: the IPv6 measurement battery" in markdown
     assert "broken dual stack" in markdown
     csv = render_csv(built)
-    assert csv["battery_outcomes.csv"].startswith("country,outcome,sessions,yes,rate")
+    assert csv["battery_outcomes.csv"].startswith("country,outcome,ipv4_addresses,yes,rate")
     assert "all,broken_dual_stack,4,1,0.25," in csv["battery_outcomes.csv"]
     assert "mtu,timeout,2\n" in csv["battery_probes.csv"]
+
+
+async def test_the_battery_counts_ipv4_addresses_as_the_papers_tables_do(battery_server, db):
+    # One worker (127.0.0.21) reloads the page: first on a network whose
+    # IPv6 works, then with IPv6 gone. Another (127.0.0.22) loads it once,
+    # IPv4 only.
+    preferred, _ = SCENARIOS["ipv6-preferred"]
+    only, _ = SCENARIOS["ipv4-only"]
+    for client, source in ((preferred, "127.0.0.21"), (only, "127.0.0.21"), (only, "127.0.0.22")):
+        await Client(**{**client.__dict__, "source": source, "fetched": {}}).visit(battery_server)
+    conn = sqlite3.connect(battery_server.config.resolve(battery_server.config.database.path))
+    try:
+        found = results.read_battery(conn)
+    finally:
+        conn.close()
+    assert (found.sessions, found.ipv4_addresses) == (3, 2)
+    # Each address once per outcome, yes when any of its sessions said yes:
+    # IPv6-capable at one address of two (not two sessions of three), and
+    # an IPv4-only browser seen at both.
+    capable, ipv4_only = found.overall["ipv6_capable"], found.overall["ipv4_only"]
+    assert (capable.ipv4_addresses, capable.yes) == (2, 1)
+    assert (ipv4_only.ipv4_addresses, ipv4_only.yes) == (2, 2)
+    # battery_outcomes keeps every session.
+    assert len(db("SELECT 1 FROM battery_outcomes")) == 3
 
 
 # -- per-session names through our own DNS ----------------------------------------------
