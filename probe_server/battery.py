@@ -175,9 +175,10 @@ class ProbeReport(_Strict):
 
     ``state``: ``loaded``; ``failed`` (an error event); ``timeout`` (still
     loading after ``battery.beacon_timeout``); ``pending`` (still loading when
-    the page was closed, before that timeout). ``at`` is when it settled (or
-    when the report was made); the rest come from Resource Timing when the
-    browser gives them.
+    the page was closed, before that timeout). ``at`` is when it settled
+    (Resource Timing's responseEnd for a loaded probe where the browser gives
+    it, else when the page saw it), or when the report was made; the rest
+    come from Resource Timing when the browser gives them.
     """
 
     state: Literal["loaded", "failed", "timeout", "pending"]
