@@ -917,3 +917,51 @@ def test_pages_labelled_with_their_token_before_schema_9_still_join(tmp_path):
     (row,) = conn.execute("SELECT v6ns_asked_over_ipv6, resolver_ipv6 FROM battery_outcomes")
     assert tuple(row) == (1, 1)
     conn.close()
+
+
+@pytest.mark.parametrize(
+    ("ipv6", "ipv6_asn", "hints"),
+    [
+        # The lab's mtu client: its prefix embeds the router's public IPv4
+        # address in bits 32-63 (6rd), in a tunnel provider's network.
+        ("2d00:90:c000:25a::2", 64501, (1, 1)),
+        # 6rd-style prefix, but the same network as the IPv4 address.
+        ("2d00:90:c000:25a::2", 64500, (1, 0)),
+        # Native, another network, nothing of the IPv4 address in it.
+        ("2d00:1::20", 64501, (0, 1)),
+        ("2d00:1::20", 64500, (0, 0)),
+    ],
+)
+def test_the_6rd_and_different_asn_hints(tmp_path, ipv6, ipv6_asn, hints):
+    conn = open_sync(tmp_path / "p.db")
+    conn.row_factory = sqlite3.Row
+    token, ipv4 = "b" * 32, "192.0.2.90"
+    conn.execute(
+        "INSERT INTO sessions (token, created, ipv4, port, user_agent, red_count, blue_count,"
+        " visit) VALUES (?, 0, ?, 1, '', 1, 1, 'direct')",
+        (token, ipv4),
+    )
+    conn.execute(
+        "INSERT INTO battery_pages (session_token, probes, labels, beacon) VALUES"
+        " (?, '[\"ipv4\",\"ipv6\"]', '[]', 0)",
+        (token,),
+    )
+    for site, addr, kind in (("ipv4", ipv4, "red"), ("ipv6", ipv6, "blue")):
+        conn.execute(
+            "INSERT INTO requests (t, site, addr, port, method, path, kind, token, token_ok,"
+            " ball, status, bytes) VALUES (0, ?, ?, 1, 'GET', '/', ?, ?, 1, 1, 200, 1)",
+            (site, addr, kind, token),
+        )
+    # What `probe-server report` does: classify and pair the addresses, look
+    # them up (here: the answers a GeoIP database would give).
+    assert results.enrich_battery(conn) == (1, 1)
+    for address, asn in ((ipv4, 64500), (ipv6, ipv6_asn)):
+        conn.execute(
+            "INSERT INTO geoip (address, country, asn, country_db, asn_db, looked_up)"
+            " VALUES (?, 'GB', ?, 'test', 'test', 0)",
+            (address, asn),
+        )
+    (row,) = conn.execute("SELECT * FROM battery_outcomes").fetchall()
+    assert (row["hint_6rd"], row["hint_asn_differs"]) == hints
+    assert (row["hint_teredo"], row["hint_6to4"]) == (0, 0)
+    conn.close()
