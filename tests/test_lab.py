@@ -898,6 +898,12 @@ def test_session_labels_join_each_session_with_its_resolver(run: LabRun) -> None
     )
     assert {tuple(r) for r in only_ipv4} == {(netlab.RESOLVER4_V4, "ipv4")}
     assert run.db("SELECT 1 FROM dns_queries WHERE qname <> lower(qname) LIMIT 1")
+    # The resolvers saw labels, never a session's token (its credential).
+    tokens = [r["session_token"] for r in run.db("SELECT session_token FROM battery_pages")]
+    names = [r["qname"].lower() for r in run.db("SELECT qname FROM dns_queries") if r["qname"]]
+    assert tokens and not [n for n in names if any(token in n for token in tokens)]
+    labelled = run.db("SELECT DISTINCT session_token FROM session_dns")
+    assert len(labelled) == len(tokens)
 
 
 def test_report_has_the_battery(run: LabRun) -> None:
