@@ -19,9 +19,12 @@ the counted box), so the worker's task does not change:
   It resolves only when the worker's resolver reaches DNS over IPv6.
 
 With session labels (``battery.labels``), probe host names begin with the
-session's token (``<token>.v6.example.org``): our DNS log then shows which
-resolvers asked for each session's names, and over which family. The token
-is random and signed; it says nothing about the worker.
+session's label (``<label>.v6.example.org``): our DNS log then shows which
+resolvers asked for each session's names, and over which family. The label
+is a keyed hash of the token (:func:`tokens.session_label`), never the token
+itself: host names are seen by every resolver on the way and sent in clear
+in TLS's SNI, and the token is what ``/submit`` and ``/beacon`` accept. The
+label says nothing about the worker and is accepted nowhere.
 
 Everything here is plain functions and data; :mod:`probe_server.web` serves
 it. The replies are fixed bytes, so a leaner server can send the same.
@@ -80,6 +83,8 @@ class Page:
     # The v6ns probe's host name below the session label, lower case and
     # without the trailing dot ("ds.v6ns.example.org"), for the DNS join.
     v6ns_host: str | None
+    # The session label its labelled host names carry (None: no labels).
+    label: str | None = None
 
     @property
     def active(self) -> bool:
@@ -92,26 +97,28 @@ class Page:
         return ("ipv4", "ipv6", *(probe.name for probe in self.probes))
 
 
-def labelled(base_url: str, token: str) -> str:
-    """``base_url`` with ``token`` as the first label of its host name."""
+def labelled(base_url: str, label: str) -> str:
+    """``base_url`` with ``label`` as the first label of its host name."""
     parts = urlsplit(base_url)
-    return urlunsplit(parts._replace(netloc=f"{token}.{parts.netloc}"))
+    return urlunsplit(parts._replace(netloc=f"{label}.{parts.netloc}"))
 
 
 def host_of(base_url: str) -> str:
     return (urlsplit(base_url).hostname or "").lower().rstrip(".")
 
 
-def page(config: BatteryConfig, base_urls: dict[str, str], token: str) -> Page:
+def page(config: BatteryConfig, base_urls: dict[str, str], token: str, label: str) -> Page:
     """The battery's part of one page: ball bases (labelled or not) and probes.
 
     ``base_urls`` has the sites' URLs ("ipv4", "ipv6") and the literal's
-    ("literal"), as the server resolved them at start.
+    ("literal"), as the server resolved them at start. ``token`` goes into
+    the probes' paths, ``label`` (the session's DNS label) into the host
+    names that ``battery.labels`` lists.
     """
     labels = config.labels
 
     def base(name: str, url: str) -> str:
-        return labelled(url, token) if name in labels else url
+        return labelled(url, label) if name in labels else url
 
     red_base = base("ipv4", base_urls["ipv4"])
     blue_base = base("ipv6", base_urls["ipv6"])
@@ -138,6 +145,7 @@ def page(config: BatteryConfig, base_urls: dict[str, str], token: str) -> Page:
         beacon=config.beacon,
         beacon_timeout_ms=math.ceil(config.beacon_timeout * 1000),
         v6ns_host=v6ns_host,
+        label=label if labels else None,
     )
 
 
@@ -167,9 +175,10 @@ class ProbeReport(_Strict):
 
     ``state``: ``loaded``; ``failed`` (an error event); ``timeout`` (still
     loading after ``battery.beacon_timeout``); ``pending`` (still loading when
-    the page was closed, before that timeout). ``at`` is when it settled (or
-    when the report was made); the rest come from Resource Timing when the
-    browser gives them.
+    the page was closed, before that timeout). ``at`` is when it settled
+    (Resource Timing's responseEnd for a loaded probe where the browser gives
+    it, else when the page saw it), or when the report was made; the rest
+    come from Resource Timing when the browser gives them.
     """
 
     state: Literal["loaded", "failed", "timeout", "pending"]

@@ -430,22 +430,59 @@ class LoggingConfig(_Model):
     format: Literal["text", "journal", "json"] = "text"
 
 
+# The documentation ranges (RFC 5737, RFC 3849): never assigned, never
+# routed, so no real network has them. The namespace lab (lab.py) numbers
+# its hosts from 192.0.2.0/24 for that reason.
+DOCUMENTATION_NETWORKS = tuple(
+    ipaddress.ip_network(network)
+    for network in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
+)
+
+
+def is_rehearsal_address(host: str | None) -> bool:
+    """Loopback (``localhost`` too), or a documentation address: a rehearsal's own.
+
+    What the rehearsal tools may bind to or hand answers to: this machine, or
+    the namespace lab's own network, which nothing outside it can reach. A
+    worker's browser on a real network can reach neither.
+    """
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or any(address in net for net in DOCUMENTATION_NETWORKS)
+
+
+def is_rehearsal_host(host: str | None) -> bool:
+    """A rehearsal address, or a name under ``.test``.
+
+    ``.test`` is reserved for testing and never delegated (RFC 6761 §6.2):
+    only a lab's own DNS answers for it (the lab's zone is ``probe.test``).
+    """
+    if host is not None and host.lower().rstrip(".").endswith(".test"):
+        return True
+    return is_rehearsal_address(host)
+
+
 def _rehearsal_site(value: str) -> str:
-    """A loopback origin such as ``http://127.0.0.1:8765``, canonical form."""
+    """A rehearsal origin such as ``http://127.0.0.1:8765``, canonical form."""
     parts = urlsplit(value)
     host = parts.hostname
     if parts.scheme not in ("http", "https") or host is None:
         raise ValueError(f"expected an origin such as http://127.0.0.1:8765, got {value!r}")
     if parts.username or parts.password or parts.path not in ("", "/") or parts.query:
         raise ValueError(f"expected an origin (scheme, host, port) only, got {value!r}")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    # Only the rehearsal's own machine: this list can never turn the answer
-    # page into a redirect to some other site.
-    if not loopback:
-        raise ValueError(f"only loopback worker sites may be added, got {value!r}")
+    # Only the rehearsal's own machine, or the lab's network, by address:
+    # this list can never turn the answer page into a redirect to a site a
+    # real worker's browser could reach.
+    if not is_rehearsal_address(host):
+        raise ValueError(
+            f"only loopback or documentation-range (lab) worker sites may be added, got {value!r}"
+        )
     return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
@@ -454,8 +491,9 @@ RehearsalSite = Annotated[str, AfterValidator(_rehearsal_site)]
 
 class MTurkConfig(_Model):
     # Worker sites accepted as turkSubmitTo besides MTurk's own (production
-    # and sandbox): loopback origins of `probe-server fake-mturk`, for
-    # rehearsals only. Empty in production.
+    # and sandbox): origins of `probe-server fake-mturk` on loopback or, in
+    # the namespace lab, on a documentation-range address, for rehearsals
+    # only. Empty in production.
     rehearsal_worker_sites: tuple[RehearsalSite, ...] = ()
 
 

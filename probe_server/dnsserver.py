@@ -37,7 +37,8 @@ PASS, DROP, SLIP = "pass", "drop", "slip"
 
 INSERT_DNS_QUERY = (
     "INSERT INTO dns_queries (t, family, addr, port, transport, qname, qtype, rcode,"
-    " size, truncated, rrl, edns_version, udp_size) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " size, truncated, rrl, edns_version, udp_size, ancount, nscount)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
 
@@ -258,6 +259,7 @@ class DnsServer:
             if len(self._addresses) >= 65536:
                 self._addresses.clear()
             address = self._addresses[host] = canonical_address(host)
+        sent = reply is not None
         row = (
             now,
             "ipv6" if family == socket.AF_INET6 else "ipv4",
@@ -266,12 +268,14 @@ class DnsServer:
             transport,
             outcome.qname,
             outcome.qtype,
-            outcome.rcode if reply is not None else None,
+            outcome.rcode if sent else None,
             len(reply) if reply is not None else 0,
             outcome.truncated or action == SLIP,
             action,
             outcome.edns_version,
             outcome.udp_size,
+            outcome.ancount if sent else None,
+            outcome.nscount if sent else None,
         )
         self._rows.append((INSERT_DNS_QUERY, row))
         if not self._flush_scheduled and self._loop is not None:

@@ -59,6 +59,10 @@ class Outcome(NamedTuple):
     truncated: bool = False
     edns_version: int | None = None
     udp_size: int | None = None
+    # The reply's ANCOUNT and NSCOUNT (RFC 1035 §4.1.1): NOERROR with no
+    # answer is NODATA, told apart from a referral by its authority (SOA).
+    ancount: int = 0
+    nscount: int = 0
 
 
 DROPPED = Outcome(None)
@@ -123,7 +127,7 @@ def rcode_text(rcode: int) -> str:
 class _Entry:
     """A packed reply without its ID and question, in both full and truncated form."""
 
-    __slots__ = ("fixed", "heads", "rcode", "rest", "tc_heads", "tc_rest")
+    __slots__ = ("ancount", "fixed", "heads", "nscount", "rcode", "rest", "tc_heads", "tc_rest")
 
     def __init__(self, answer: Answer, labels: Name, qtype: int, opt: bytes) -> None:
         record = DNSRecord(DNSHeader(id=0), q=DNSQuestion(DNSLabel(list(labels)), qtype))
@@ -144,6 +148,7 @@ class _Entry:
         self.tc_rest = opt
         self.fixed = HEADER_SIZE + len(self.rest)
         self.rcode = rcode_text(answer.rcode)
+        self.ancount, self.nscount = ancount, nscount
 
 
 def _heads(flags: int, rcode: int, counts: bytes) -> tuple[bytes, ...]:
@@ -251,15 +256,17 @@ class Responder:
         if slip or len(question) + entry.fixed > limit:
             reply = ident + entry.tc_heads[bits] + question + entry.tc_rest
             truncated = True
+            ancount = nscount = 0
         else:
             reply = ident + entry.heads[bits] + question + entry.rest
             truncated = False
+            ancount, nscount = entry.ancount, entry.nscount
         text = self._texts.get(wire)
         if text is None:
             text = self._name_text(wire)
         return Outcome(
             reply, text, _TYPE_TEXT.get(qtype) or type_text(qtype), entry.rcode, truncated,
-            version, udp,
+            version, udp, ancount, nscount,
         )  # fmt: skip
 
     def _name_text(self, wire: bytes) -> str:

@@ -14,8 +14,13 @@ through a stub zone, as an ISP's resolver reaches an authoritative server.
 A host may sit behind a router namespace instead of on the bridge (NAT44,
 its own IPv6 prefix, a link MTU), and any namespace may load an nftables
 ruleset (a filter that breaks something on purpose). Everything is removed
-by :meth:`Lab.down`, which is safe to call more than once and also sweeps
-away namespaces left by a lab whose process died.
+by :meth:`Lab.down`, which is safe to call more than once: it kills every
+process still inside the lab's namespaces (``ip netns del`` alone would leave
+them running, holding the namespace alive), then deletes the namespaces and
+their ``/etc/netns`` entries. :func:`sweep_stale` does the same for labs
+whose process died without tearing down (SIGKILL), and
+:func:`signals_interrupt` turns SIGTERM and SIGHUP into an exception, so
+that teardown runs when a lab is stopped that way.
 
 Needs root and iproute2 (``ip netns``); routers and filters need nftables,
 resolvers Unbound.
@@ -26,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import select
 import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
@@ -120,12 +127,15 @@ table ip6 lab_broken {
 }
 """
 RESOLVER_V4, RESOLVER_V6 = "192.0.2.2", "2d00:1::2"
+# The fake MTurk's worker site (`probe-server fake-mturk`), where answers are
+# handed on: IPv4 only, as the survey itself.
+MTURK_V4 = "192.0.2.5"
 RESOLVER4_V4 = "192.0.2.3"
 NOAAAA_V4, NOAAAA_V6 = "192.0.2.4", "2d00:1::4"
 
 
 def default_hosts() -> list[Host]:
-    """The clients of the issues, their resolvers and a router.
+    """The clients of the issues, their resolvers, a router and MTurk's worker site.
 
     IPv4-only, dual-stack native, 6to4, Teredo and IPv6-only clients (the
     paper's kinds); a dual-stack client whose resolver has IPv4 only, one
@@ -142,6 +152,7 @@ def default_hosts() -> list[Host]:
         Host("resolver", f"{RESOLVER_V4}/24", (f"{RESOLVER_V6}/64",)),
         Host("resolver4", f"{RESOLVER4_V4}/24"),
         Host("resolvernoaaaa", f"{NOAAAA_V4}/24", (f"{NOAAAA_V6}/64",)),
+        Host("mturk", f"{MTURK_V4}/24"),
         Host("v4only", "192.0.2.10/24", (), resolver=RESOLVER_V4),
         Host("dualstack", "192.0.2.20/24", ("2d00:1::20/64",), resolver=RESOLVER_V4),
         Host(
@@ -222,16 +233,132 @@ def _live_namespaces() -> list[str]:
     return [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
 
 
+def namespace_pids(name: str) -> list[int]:
+    """The processes inside a namespace (``ip netns pids``)."""
+    result = _run(["ip", "netns", "pids", name], check=False)
+    return [int(word) for word in result.stdout.split() if word.isdigit()]
+
+
+def _kill_all(name: str, rounds: int = 20, wait: float = 10.0) -> list[int]:
+    """SIGKILL every process inside namespace ``name`` and wait for each to exit.
+
+    Through pidfds, so a pid reused meanwhile is never signalled, and the
+    wait is on the process itself (the pidfd turns readable when it exits).
+    Repeated until none is left, since a process may fork while it is being
+    killed (Chromium). Returns whatever survived (nothing, normally).
+    """
+    pids: list[int] = []
+    for _ in range(rounds):
+        pids = namespace_pids(name)
+        if not pids:
+            return []
+        handles = []
+        for pid in pids:
+            try:
+                handles.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                continue
+        try:
+            for handle in handles:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(handle, signal.SIGKILL)
+            for handle in handles:
+                select.select([handle], [], [], wait)
+        finally:
+            for handle in handles:
+                os.close(handle)
+    return namespace_pids(name)
+
+
+def remove_namespace(name: str) -> None:
+    """Kill what runs inside, delete the namespace and its /etc/netns entry."""
+    _kill_all(name)
+    _run(["ip", "netns", "del", name], check=False)
+    shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+
+
+def _owner_gone(name: str) -> bool:
+    """A lab name (psl-PID-...) whose owning process no longer exists."""
+    parts = name.split("-")
+    return (
+        len(parts) >= 3
+        and parts[0] == PREFIX
+        and parts[1].isdigit()
+        and not Path(f"/proc/{parts[1]}").exists()
+    )
+
+
 def sweep_stale() -> None:
-    """Remove namespaces left by labs whose process no longer exists."""
+    """Remove what labs whose process no longer exists left behind.
+
+    Their namespaces (and every process still inside them), and their
+    ``/etc/netns`` entries, also those whose namespace is already gone.
+    """
     for name in _live_namespaces():
-        parts = name.split("-")
-        owner_gone = (
-            len(parts) >= 3 and parts[1].isdigit() and not Path(f"/proc/{parts[1]}").exists()
-        )
-        if parts[0] == PREFIX and owner_gone:
-            _run(["ip", "netns", "del", name], check=False)
-            shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+        if _owner_gone(name):
+            remove_namespace(name)
+    if NETNS_ETC.is_dir():
+        for entry in NETNS_ETC.iterdir():
+            if _owner_gone(entry.name):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program was, so teardown runs.
+
+    A KeyboardInterrupt, as for SIGINT: pytest then stops the session and
+    still runs every fixture's teardown.
+    """
+
+
+@contextlib.contextmanager
+def signals_interrupt(signums: Sequence[int] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise :class:`Interrupted`.
+
+    By default both kill a Python process on the spot, skipping every
+    ``finally`` and ``__exit__``: a lab stopped that way would leave its
+    namespaces, and the processes in them, behind. The handlers before are
+    put back on the way out. (SIGKILL cannot be caught: :func:`sweep_stale`
+    in the next lab cleans up after that.)
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(f"lab interrupted by {signal.Signals(signum).name}")
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM, SIGHUP and SIGINT until the block is done (teardown).
+
+    A second SIGTERM, or an impatient Ctrl-C, must not cut a teardown short
+    and leave half a lab: each is noted, and raised as :class:`Interrupted`
+    once the block has finished. Only the main thread can set handlers;
+    elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        held.append(signum)
+
+    signums = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    previous = {signum: signal.signal(signum, hold) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if held:
+        raise Interrupted(f"lab interrupted by {signal.Signals(held[0]).name} during teardown")
 
 
 class Lab:
@@ -362,15 +489,20 @@ class Lab:
         )
 
     def down(self) -> None:
-        """Remove every namespace and resolver file of this lab. Idempotent."""
-        for name in reversed(self._created):
-            _run(["ip", "netns", "del", name], check=False)
-            shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
-        self._created.clear()
-        for name in _live_namespaces():
-            if name.startswith(f"{PREFIX}-{self.tag}-"):
-                _run(["ip", "netns", "del", name], check=False)
-                shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+        """Kill every process in this lab's namespaces, remove the namespaces
+        and their resolver files. Idempotent; not cut short by a signal."""
+        with _signals_deferred():
+            for name in reversed(self._created):
+                remove_namespace(name)
+            self._created.clear()
+            mine = f"{PREFIX}-{self.tag}-"
+            for name in _live_namespaces():
+                if name.startswith(mine):
+                    remove_namespace(name)
+            if NETNS_ETC.is_dir():
+                for entry in NETNS_ETC.iterdir():
+                    if entry.name.startswith(mine):
+                        shutil.rmtree(entry, ignore_errors=True)
 
     def __enter__(self) -> Lab:
         return self.up()

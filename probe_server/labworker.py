@@ -5,6 +5,13 @@ URL``), so the browser resolves names through the namespace's resolver (our
 DNS) and reaches the server over whatever families the namespace has. Prints
 one JSON object: what loaded, what the worker counted, where the submit went.
 
+With ``--hit``, URL is a (fake) MTurk worker site: the worker accepts the HIT
+there first and opens the task URL it is given (with ``assignmentId``,
+``hitId``, ``workerId`` and ``turkSubmitTo``), as MTurk's frame does; after
+the survey's answer, the answer page hands the assignment on to
+``{turkSubmitTo}/mturk/externalSubmit`` (by its script, or by its button
+when JavaScript is off), and the worker ends on MTurk's page.
+
 Needs the Playwright Python package (driver only) and Debian's chromium.
 """
 
@@ -59,17 +66,52 @@ def count_rendered(page: Any) -> dict[str, int]:
     return seen
 
 
-def work(url: str, screenshot: str | None, submit: bool, timeout_ms: int) -> dict[str, Any]:
+def accept_hit(worker_site: str, hit: str, worker: str, country: str, timeout: float) -> Any:
+    """Accept a HIT on the fake MTurk's worker site: its assignment and task URL."""
+    import urllib.request
+
+    request = urllib.request.Request(  # noqa: S310 - the lab's own http:// worker site
+        f"{worker_site}/_fake/accept",
+        data=json.dumps({"hitId": hit, "workerId": worker, "country": country}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        return json.load(response)
+
+
+def work(
+    url: str,
+    screenshot: str | None,
+    submit: bool,
+    timeout_ms: int,
+    *,
+    javascript: bool = True,
+    early: bool = False,
+) -> dict[str, Any]:
+    """One visit. ``javascript=False``: the browser runs no script (no
+    beacon; the worker counts once the page has loaded). ``early``: the worker
+    answers as soon as the red balls are in, before the beacon's timeout."""
+    from urllib.parse import parse_qs, urlsplit
+
     from playwright.sync_api import Error, sync_playwright
 
     result: dict[str, Any] = {"url": url}
+    handoff = parse_qs(urlsplit(url).query).get("turkSubmitTo", [None])[0]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 800, "height": 600})
+            page = browser.new_page(
+                viewport={"width": 800, "height": 600}, java_script_enabled=javascript
+            )
             try:
                 page.goto(url, wait_until="domcontentloaded", timeout=timeout_ms)
-                if page.locator("#battery[data-beacon]").count():
+                if early:
+                    page.wait_for_function(
+                        "Array.from(document.querySelectorAll('.balls img[src*=\"/red/\"]'))"
+                        ".every(img => img.complete)",
+                        timeout=timeout_ms,
+                    )
+                elif javascript and page.locator("#battery[data-beacon]").count():
                     # The battery's beacon goes once every probe has settled
                     # or its timeout has passed: then the worker counts. A
                     # probe that hangs (broken IPv6, a black hole) would hold
@@ -93,14 +135,36 @@ def work(url: str, screenshot: str | None, submit: bool, timeout_ms: int) -> dic
                 if page.locator("button[type=submit]").is_disabled():
                     result["submitted"] = False
                 else:
-                    with page.expect_navigation(wait_until="load", timeout=timeout_ms):
-                        page.click("button[type=submit]")
-                    result["submitted"] = True
-                    result["after_submit"] = page.url
-                    result["after_submit_text"] = page.inner_text("body")[:500]
+                    result.update(_submit(page, handoff, javascript, early, timeout_ms))
         finally:
             browser.close()
     return result
+
+
+def _submit(
+    page: Any, handoff: str | None, javascript: bool, early: bool, timeout_ms: int
+) -> dict[str, Any]:
+    """Press the survey's submit and follow the answer to where it ends."""
+    done: dict[str, Any] = {"submitted": True}
+    if early:
+        # Probes still loading: no report yet. Leaving the page sends it
+        # (pagehide). Neither Playwright nor the page's DevTools session
+        # sees that request (Chromium sends it from the browser process,
+        # detached from the old document): the server's log is the witness.
+        done["beacon_before_submit"] = page.get_attribute("#battery", "data-sent")
+    with page.expect_navigation(wait_until="load", timeout=timeout_ms):
+        page.click("button[type=submit]")
+    done["answered_at"] = page.url
+    if handoff:
+        # The answer page hands the assignment on to MTurk: its script does
+        # it at once; without JavaScript the worker presses its button.
+        external = f"{handoff}/mturk/externalSubmit"
+        if not javascript:
+            page.click("#handoff button[type=submit]")
+        page.wait_for_url(external, wait_until="load", timeout=timeout_ms)
+    done["after_submit"] = page.url
+    done["after_submit_text"] = page.inner_text("body")[:500]
+    return done
 
 
 def work_plain(url: str, submit: bool, timeout: float) -> dict[str, Any]:
@@ -143,16 +207,37 @@ def work_plain(url: str, submit: bool, timeout: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("url")
+    parser.add_argument("url", help="the survey; with --hit, the MTurk worker site")
+    parser.add_argument("--hit", help="accept this HIT on the worker site URL first")
+    parser.add_argument("--worker", default="ALABWORKER", help="workerId (with --hit)")
+    parser.add_argument("--country", default="US", help="the worker's locale (with --hit)")
     parser.add_argument("--screenshot", help="save a full-page PNG here")
     parser.add_argument("--no-submit", dest="submit", action="store_false")
+    parser.add_argument("--no-javascript", dest="javascript", action="store_false")
+    parser.add_argument(
+        "--early", action="store_true", help="answer once the red balls are in, not later"
+    )
     parser.add_argument("--timeout", type=float, default=30, help="seconds per page load")
     parser.add_argument("--plain", action="store_true", help="urllib instead of a browser")
     args = parser.parse_args(argv)
+    url = args.url
+    accepted: dict[str, Any] = {}
+    if args.hit:
+        accepted = accept_hit(url, args.hit, args.worker, args.country, args.timeout)
+        url = accepted["url"]
     if args.plain:
-        result = work_plain(args.url, args.submit, args.timeout)
+        result = work_plain(url, args.submit, args.timeout)
     else:
-        result = work(args.url, args.screenshot, args.submit, int(args.timeout * 1000))
+        result = work(
+            url,
+            args.screenshot,
+            args.submit,
+            int(args.timeout * 1000),
+            javascript=args.javascript,
+            early=args.early,
+        )
+    if accepted:
+        result["assignment_id"] = accepted["assignmentId"]
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0

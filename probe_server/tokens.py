@@ -2,8 +2,13 @@
 
 A token is 10 random bytes followed by the first 10 bytes of
 HMAC-SHA256(secret, id), written as 32 characters of lower-case base32.
-Lower case and no padding keep it usable as a DNS label, where resolvers may
-change letter case (0x20 randomisation) and labels are case-insensitive.
+Lower case and no padding keep it usable in a URL path and a form.
+
+A token is a bearer credential (``/submit`` and ``/beacon`` accept it), so it
+never goes into a host name: DNS queries cross every resolver on the way and
+TLS sends the host name in clear (SNI). Per-session host names carry a
+*label* instead (:func:`session_label`), derived from the token with a keyed
+hash: it identifies the session in our DNS log and nothing accepts it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,12 @@ _ID_BYTES = 10
 _MAC_BYTES = 10
 _DOMAIN = b"probe-server session v1\x00"
 _ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+# 15 bytes of HMAC-SHA256: 24 base32 characters (no padding), 120 bits, so
+# a million sessions collide with probability below 10^-24. Shorter than a
+# token, so no label even has a token's shape.
+LABEL_LENGTH = 24
+_LABEL_BYTES = 15
+_LABEL_DOMAIN = b"probe-server label v1\x00"
 
 
 def _mac(secret: bytes, ident: bytes) -> bytes:
@@ -38,6 +49,18 @@ def verify_token(secret: bytes, token: str) -> bool:
         return False
     raw = base64.b32decode(token.upper())
     return hmac.compare_digest(raw[_ID_BYTES:], _mac(secret, raw[:_ID_BYTES]))
+
+
+def session_label(secret: bytes, token: str) -> str:
+    """The DNS label of a session's host names: HMAC(secret, "label" || token).
+
+    Lower-case base32, so it is a valid host name label whatever letter case
+    a resolver asks in (0x20 randomisation; labels compare case-insensitively).
+    Knowing a label tells nothing about the token, and the token cannot be
+    recovered from it: a resolver that sees it can only ask for it again.
+    """
+    mac = hmac.new(secret, _LABEL_DOMAIN + token.encode("ascii"), sha256).digest()
+    return base64.b32encode(mac[:_LABEL_BYTES]).decode("ascii").lower()
 
 
 class TokenVerifier:

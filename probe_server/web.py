@@ -53,7 +53,7 @@ from .keys import (
 from .limits import track_requests
 from .metrics import Metrics
 from .store import NotStored, Overloaded, Row, Writer, open_database, open_reader
-from .tokens import TokenVerifier, looks_like_token, new_token
+from .tokens import TokenVerifier, looks_like_token, new_token, session_label
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ INSERT_ANSWER = (
 )
 # The battery (schema 0007): which probes a page carried, and its beacons.
 INSERT_BATTERY_PAGE = (
-    "INSERT INTO battery_pages (session_token, probes, labels, beacon, v6ns_host)"
-    " VALUES (?,?,?,?,?)"
+    "INSERT INTO battery_pages (session_token, probes, labels, beacon, v6ns_host, label)"
+    " VALUES (?,?,?,?,?,?)"
 )
 # A worker's sessions on the other HITs of the experiment that the HIT they
 # opened keeps them out of, as MTurk will once `hits sync` grants the "took
@@ -307,7 +307,8 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
     )
     # The battery's probes go on the ball page only; the other kinds carry
     # just the passive dual-stack pair (red and blue) in probes.html.
-    page = battery.page(config.battery, request.app[battery_bases_key], token)
+    label = session_label(request.app[secret_key], token) if config.battery.labels else ""
+    page = battery.page(config.battery, request.app[battery_bases_key], token, label)
     on_page = page.active and visit.survey == "balls"
     if on_page:
         probe.rows.append(
@@ -319,6 +320,7 @@ async def survey_page(request: web.Request) -> web.StreamResponse:
                     json.dumps(page.labels),
                     page.beacon,
                     page.v6ns_host,
+                    page.label,
                 ),
             )
         )

@@ -39,8 +39,11 @@ from probe_server.analysis.stats import wilson
 from probe_server.cli import main
 from probe_server.config import ConfigError, load_config
 from probe_server.images import BLUE_BALL, PIXEL
+from probe_server.keys import secret_key
 from probe_server.server import ProbeServer
+from probe_server.store import migrations, open_sync
 from probe_server.testing import write_config
+from probe_server.tokens import LABEL_LENGTH, looks_like_token, new_token, session_label
 
 from .conftest import MakeConfig
 from .dns_client import endpoint
@@ -460,19 +463,53 @@ def test_beacon_body_as_the_script_sends_it():
     assert beacon.probes["ipv6"].duration == 12.4 and beacon.probes["mtu"].state == "pending"
 
 
-async def test_beacon_rows_and_the_last_report_wins(battery_server, db):
-    client = Client(ipv6=False, ds_over=None, final=False, beacon={"ds": "pending"})
-    page = await client.visit(battery_server)
-    assert outcome(db, page.token)["broken_dual_stack"] is None
-    # A later, final report on the same page: the dual-stack fetch timed out.
-    async with aiohttp.ClientSession() as http:
-        body = {"token": page.token, "final": True, "probes": {"ds": {"state": "timeout"}}}
-        url = battery_server.base_urls["ipv4"] + battery.BEACON_PATH
+async def post_beacon(
+    server: ProbeServer, token: str, probes: dict[str, str], final: bool, source: str
+) -> None:
+    connector = aiohttp.TCPConnector(local_addr=(source, 0))
+    async with aiohttp.ClientSession(connector=connector) as http:
+        body = {
+            "token": token,
+            "final": final,
+            "probes": {name: {"state": state} for name, state in probes.items()},
+        }
+        url = server.base_urls["ipv4"] + battery.BEACON_PATH
         async with http.post(url, data=json.dumps(body)) as response:
-            assert response.status == 204
-    assert outcome(db, page.token)["broken_dual_stack"] == 1
-    rows = db("SELECT final, probe, state, at_ms FROM beacons ORDER BY id")
-    assert [tuple(r) for r in rows] == [(0, "ds", "pending", 12.5), (1, "ds", "timeout", None)]
+            assert response.status == 204, await response.text()
+
+
+async def test_only_the_first_beacon_from_the_pages_address_counts(battery_server, db):
+    # The page's own browser (127.0.0.1) closes it while the dual-stack probe
+    # is still loading. Whoever else learnt the token (a resolver on the
+    # way, before labels; anyone who saw the page) sends reports that would
+    # make it a timeout, a broken dual stack: one from elsewhere before the
+    # browser's, one from the page's address after it. Neither counts.
+    client = Client(ipv6=False, ds_over=None)
+    page = await client.visit(battery_server)
+    await post_beacon(battery_server, page.token, {"ds": "timeout"}, True, "127.0.0.2")
+    await post_beacon(battery_server, page.token, {"ds": "pending"}, False, "127.0.0.1")
+    await post_beacon(battery_server, page.token, {"ds": "timeout"}, True, "127.0.0.1")
+    assert outcome(db, page.token)["broken_dual_stack"] is None
+    (ds,) = db(
+        "SELECT result, beacon_state FROM battery_probes WHERE session_token = ? AND probe = 'ds'",
+        page.token,
+    )
+    assert tuple(ds) == ("pending", "pending")
+    # Every report is kept, for whoever wants to study them.
+    rows = db("SELECT addr, final, state FROM beacons ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        ("127.0.0.2", 1, "timeout"),
+        ("127.0.0.1", 0, "pending"),
+        ("127.0.0.1", 1, "timeout"),
+    ]
+
+
+async def test_a_beacon_from_elsewhere_alone_leaves_the_probe_unexplained(battery_server, db):
+    client = Client(ipv6=False, ds_over=None)
+    page = await client.visit(battery_server)
+    await post_beacon(battery_server, page.token, {"ds": "timeout"}, True, "127.0.0.2")
+    row = outcome(db, page.token)
+    assert row["ds_result"] == "missing" and row["broken_dual_stack"] == 1
 
 
 async def test_the_papers_page_is_one_setting(server, http, db):
@@ -529,18 +566,20 @@ def test_session_labels_only_on_named_urls():
         labels=("ipv6", "ds", "v6ns"),
     )
     bases = {"ipv4": "https://survey.example.org", "ipv6": "https://v6.example.org"}
-    page = battery.page(config, {**bases, "literal": ""}, "t" * 32)
+    token, label = "t" * 32, "l" * 24
+    page = battery.page(config, {**bases, "literal": ""}, token, label)
     urls = {probe.name: probe.url for probe in page.probes}
-    token = "t" * 32
+    # The label goes into host names, the token into paths only.
     assert page.red_base == "https://survey.example.org"
-    assert page.blue_base == f"https://{token}.v6.example.org"
+    assert page.blue_base == f"https://{label}.v6.example.org"
     assert urls == {
-        "ds": f"https://{token}.ds.example.org/ds/{token}.png",
-        "mtu": f"https://{token}.v6.example.org/mtu/{token}/large.png",
-        "v6ns": f"https://{token}.ds.v6ns.example.org:8443/v6ns/{token}.png",
+        "ds": f"https://{label}.ds.example.org/ds/{token}.png",
+        "mtu": f"https://{label}.v6.example.org/mtu/{token}/large.png",
+        "v6ns": f"https://{label}.ds.v6ns.example.org:8443/v6ns/{token}.png",
         "literal": f"https://[2001:db8::10]/literal/{token}.png",
     }
     assert page.v6ns_host == "ds.v6ns.example.org"
+    assert page.label == label
 
 
 @pytest.mark.parametrize(
@@ -588,15 +627,16 @@ async def test_report_has_the_battery_beside_the_papers_tables(battery_server, t
     # The paper's keys are all still there, unchanged.
     assert {"sessions", "adoption", "countries", "providers", "batches", "previews"} <= set(report)
     section = report["battery"]
-    assert section["sessions"] == 4
+    assert (section["sessions"], section["ipv4_addresses"]) == (4, 4)
+    assert section["unit"] == "ipv4_addresses"
     assert set(section["outcomes"]) == {*results.OUTCOMES, *results.HINTS}
     capable = section["outcomes"]["ipv6_capable"]
-    assert (capable["sessions"], capable["yes"]) == (4, 2)
+    assert (capable["ipv4_addresses"], capable["yes"]) == (4, 2)
     low, high = wilson(2, 4)
     assert capable["ci95_low"] == pytest.approx(low) and capable["ci95_high"] == pytest.approx(high)
     assert section["outcomes"]["broken_dual_stack"]["yes"] == 1
     assert section["outcomes"]["mtu_trouble"] == {
-        "sessions": 2,
+        "ipv4_addresses": 2,
         "yes": 1,
         "rate": 0.5,
         "ci95_low": pytest.approx(wilson(1, 2)[0]),
@@ -623,9 +663,33 @@ async def test_report_has_the_battery_beside_the_papers_tables(battery_server, t
     assert "## Beyond the paper: the IPv6 measurement battery" in markdown
     assert "broken dual stack" in markdown
     csv = render_csv(built)
-    assert csv["battery_outcomes.csv"].startswith("country,outcome,sessions,yes,rate")
+    assert csv["battery_outcomes.csv"].startswith("country,outcome,ipv4_addresses,yes,rate")
     assert "all,broken_dual_stack,4,1,0.25," in csv["battery_outcomes.csv"]
     assert "mtu,timeout,2\n" in csv["battery_probes.csv"]
+
+
+async def test_the_battery_counts_ipv4_addresses_as_the_papers_tables_do(battery_server, db):
+    # One worker (127.0.0.21) reloads the page: first on a network whose
+    # IPv6 works, then with IPv6 gone. Another (127.0.0.22) loads it once,
+    # IPv4 only.
+    preferred, _ = SCENARIOS["ipv6-preferred"]
+    only, _ = SCENARIOS["ipv4-only"]
+    for client, source in ((preferred, "127.0.0.21"), (only, "127.0.0.21"), (only, "127.0.0.22")):
+        await Client(**{**client.__dict__, "source": source, "fetched": {}}).visit(battery_server)
+    conn = sqlite3.connect(battery_server.config.resolve(battery_server.config.database.path))
+    try:
+        found = results.read_battery(conn)
+    finally:
+        conn.close()
+    assert (found.sessions, found.ipv4_addresses) == (3, 2)
+    # Each address once per outcome, yes when any of its sessions said yes:
+    # IPv6-capable at one address of two (not two sessions of three), and
+    # an IPv4-only browser seen at both.
+    capable, ipv4_only = found.overall["ipv6_capable"], found.overall["ipv4_only"]
+    assert (capable.ipv4_addresses, capable.yes) == (2, 1)
+    assert (ipv4_only.ipv4_addresses, ipv4_only.yes) == (2, 2)
+    # battery_outcomes keeps every session.
+    assert len(db("SELECT 1 FROM battery_outcomes")) == 3
 
 
 # -- per-session names through our own DNS ----------------------------------------------
@@ -742,8 +806,15 @@ async def browse(server: ProbeServer, resolver_family: str) -> tuple[Page, dict[
 async def test_per_session_names_join_the_resolvers_family(named_server, db):
     page, statuses = await browse(named_server, "ipv6")
     token = page.token
-    assert page.red[0].startswith(f"http://{token}.survey.loop.test:")
-    assert page.probes["ds"].startswith(f"http://{token}.ds.loop.test:")
+    label = session_label(named_server.app[secret_key], token)
+    assert page.red[0].startswith(f"http://{label}.survey.loop.test:")
+    assert page.probes["ds"].startswith(f"http://{label}.ds.loop.test:")
+    # The token, which /submit and /beacon accept, is in no host name: not
+    # in a DNS query, not in TLS's SNI.
+    assert not any(token in (urlsplit(url).hostname or "") for url in page.probes.values())
+    assert not db("SELECT 1 FROM dns_queries WHERE lower(qname) LIKE ?", f"%{token}%")
+    (stored,) = db("SELECT label FROM battery_pages WHERE session_token = ?", token)
+    assert stored["label"] == label
     assert statuses == dict.fromkeys(["ipv4", "ipv6", *ALL_PROBES], 200)
     # The dual-stack name came over IPv6: AAAA first, as a browser preferring IPv6.
     row = outcome(db, token)
@@ -754,16 +825,15 @@ async def test_per_session_names_join_the_resolvers_family(named_server, db):
     for name in ("survey.loop.test.", "v6.loop.test.", "ds.loop.test.", "ds.v6ns.loop.test."):
         assert (name, "ipv6", "AAAA") in asked, asked
     assert db("SELECT count(*) FROM dns_queries WHERE qname <> lower(qname)")[0][0] > 0
-    # The join reads the label index, not the whole query log.
-    plan = " ".join(
-        r[3]
-        for r in db(
-            "EXPLAIN QUERY PLAN SELECT 1 FROM dns_queries d WHERE lower(substr(d.qname, 1, 32)) = ?"
-            " AND substr(d.qname, 33, 1) = '.' AND d.family = 'ipv6'",
-            token,
-        )
-    )
-    assert "dns_queries_label" in plan
+    # Both joins search the label index for each session; they never scan
+    # the query log (or the whole index, as schema 7's did).
+    for view in ("session_dns", "battery_outcomes"):
+        plan = [
+            r[3]
+            for r in db(f"EXPLAIN QUERY PLAN SELECT * FROM {view} WHERE session_token = ?", token)
+        ]
+        assert any(step.startswith("SEARCH d USING INDEX dns_queries_label") for step in plan), plan
+        assert not any(step.startswith("SCAN d") for step in plan), plan
 
 
 async def test_a_resolver_without_ipv6_misses_the_v6ns_name(named_server, db):
@@ -782,3 +852,116 @@ async def test_a_resolver_without_ipv6_misses_the_v6ns_name(named_server, db):
         "ds.v6ns.loop.test.",
     )
     assert {tuple(r) for r in referral} == {("ipv4", "NOERROR")}
+
+
+def test_a_label_is_a_keyed_hash_of_the_token_never_a_token():
+    secret, other = b"s" * 32, b"o" * 32
+    token = new_token(secret)
+    label = session_label(secret, token)
+    assert label == session_label(secret, token)  # derived, so stable
+    assert label != session_label(other, token)  # keyed: no secret, no label
+    assert len(label) == LABEL_LENGTH and re.fullmatch(r"[a-z2-7]+", label)
+    assert not looks_like_token(label)
+    assert label not in token and token[:LABEL_LENGTH] != label
+
+
+async def test_a_label_is_accepted_nowhere(named_server, db):
+    page, _ = await browse(named_server, "ipv4")
+    label = session_label(named_server.app[secret_key], page.token)
+    base = named_server.base_urls["ipv4"]
+    connector = aiohttp.TCPConnector(resolver=OurDns(named_server, "ipv4"), use_dns_cache=False)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        form = {"token": label, "red": "1", "blue": "0"}
+        async with http.post(f"{base}/submit", data=form) as response:
+            assert response.status == 400
+        body = json.dumps({"token": label, "final": True, "probes": {"ds": {"state": "timeout"}}})
+        async with http.post(f"{base}{battery.BEACON_PATH}", data=body) as response:
+            assert response.status == 400
+        async with http.get(f"{base}/red/{label}/1.png") as response:
+            assert response.status == 200  # served, as any forged token is, but not ours
+    assert not db("SELECT 1 FROM answers") and not db("SELECT 1 FROM beacons")
+    assert not db("SELECT 1 FROM requests WHERE token = ? AND token_ok = 1", label)
+
+
+def test_pages_labelled_with_their_token_before_schema_9_still_join(tmp_path):
+    # A database of schema 8, whose labelled names began with the token.
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for version, _, script in migrations():
+        if version <= 8:
+            conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
+    token = "a" * 32
+    conn.execute(
+        "INSERT INTO sessions (token, created, ipv4, port, user_agent, red_count, blue_count,"
+        " visit) VALUES (?, 0, '192.0.2.10', 1, '', 1, 1, 'direct')",
+        (token,),
+    )
+    conn.execute(
+        'INSERT INTO battery_pages VALUES (?, \'["ipv4","ipv6","v6ns"]\', \'["v6ns"]\', 0,'
+        " 'ds.v6ns.example.org')",
+        (token,),
+    )
+    conn.execute(
+        "INSERT INTO dns_queries (t, family, addr, port, transport, qname, qtype, rcode, size,"
+        " truncated, rrl) VALUES (0, 'ipv6', '2001:db8::53', 1, 'udp', ?, 'A', 'NOERROR', 60,"
+        " 0, 'pass')",
+        (f"{token.upper()}.ds.V6ns.example.org.",),
+    )
+    conn.close()
+    conn = open_sync(path)
+    conn.row_factory = sqlite3.Row
+    (page,) = conn.execute("SELECT label FROM battery_pages").fetchall()
+    assert page["label"] == token
+    (asked,) = conn.execute("SELECT name, family FROM session_dns").fetchall()
+    assert tuple(asked) == ("ds.v6ns.example.org.", "ipv6")
+    (row,) = conn.execute("SELECT v6ns_asked_over_ipv6, resolver_ipv6 FROM battery_outcomes")
+    assert tuple(row) == (1, 1)
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("ipv6", "ipv6_asn", "hints"),
+    [
+        # The lab's mtu client: its prefix embeds the router's public IPv4
+        # address in bits 32-63 (6rd), in a tunnel provider's network.
+        ("2d00:90:c000:25a::2", 64501, (1, 1)),
+        # 6rd-style prefix, but the same network as the IPv4 address.
+        ("2d00:90:c000:25a::2", 64500, (1, 0)),
+        # Native, another network, nothing of the IPv4 address in it.
+        ("2d00:1::20", 64501, (0, 1)),
+        ("2d00:1::20", 64500, (0, 0)),
+    ],
+)
+def test_the_6rd_and_different_asn_hints(tmp_path, ipv6, ipv6_asn, hints):
+    conn = open_sync(tmp_path / "p.db")
+    conn.row_factory = sqlite3.Row
+    token, ipv4 = "b" * 32, "192.0.2.90"
+    conn.execute(
+        "INSERT INTO sessions (token, created, ipv4, port, user_agent, red_count, blue_count,"
+        " visit) VALUES (?, 0, ?, 1, '', 1, 1, 'direct')",
+        (token, ipv4),
+    )
+    conn.execute(
+        "INSERT INTO battery_pages (session_token, probes, labels, beacon) VALUES"
+        " (?, '[\"ipv4\",\"ipv6\"]', '[]', 0)",
+        (token,),
+    )
+    for site, addr, kind in (("ipv4", ipv4, "red"), ("ipv6", ipv6, "blue")):
+        conn.execute(
+            "INSERT INTO requests (t, site, addr, port, method, path, kind, token, token_ok,"
+            " ball, status, bytes) VALUES (0, ?, ?, 1, 'GET', '/', ?, ?, 1, 1, 200, 1)",
+            (site, addr, kind, token),
+        )
+    # What `probe-server report` does: classify and pair the addresses, look
+    # them up (here: the answers a GeoIP database would give).
+    assert results.enrich_battery(conn) == (1, 1)
+    for address, asn in ((ipv4, 64500), (ipv6, ipv6_asn)):
+        conn.execute(
+            "INSERT INTO geoip (address, country, asn, country_db, asn_db, looked_up)"
+            " VALUES (?, 'GB', ?, 'test', 'test', 0)",
+            (address, asn),
+        )
+    (row,) = conn.execute("SELECT * FROM battery_outcomes").fetchall()
+    assert (row["hint_6rd"], row["hint_asn_differs"]) == hints
+    assert (row["hint_teredo"], row["hint_6to4"]) == (0, 0)
+    conn.close()

@@ -519,6 +519,49 @@ async def test_every_query_is_logged(dns_server, db):
     assert resolvers == {("ipv6", "::1", 3), ("ipv4", "127.0.0.1", 1)}
 
 
+async def test_the_log_tells_an_answer_from_nodata_a_referral_and_nxdomain(dns_server, db):
+    asked = [
+        ("survey.example.org", "A"),  # an answer
+        ("v6.example.org", "A"),  # NODATA: the name has AAAA only
+        ("ds.v6ns.example.org", "A"),  # over IPv4: the referral to the IPv6-only server
+        ("nope.example.org", "A"),  # NXDOMAIN
+    ]
+    headers = []
+    for qname, qtype in asked:
+        reply = await query(dns_server, qname, qtype, transport="udp", family="ipv4")
+        headers.append(
+            (
+                dns.rcode.to_text(reply.rcode()),
+                sum(len(rrset) for rrset in reply.answer),
+                sum(len(rrset) for rrset in reply.authority),
+            )
+        )
+    assert dns_server.dns is not None
+    await dns_server.dns.drain()
+    rows = db("SELECT rcode, ancount, nscount FROM dns_queries ORDER BY id")
+    assert [tuple(r) for r in rows] == headers
+    answer, nodata, referral, nxdomain = headers
+    assert answer[:2] == ("NOERROR", 1)
+    assert nodata == ("NOERROR", 0, 1)  # the SOA
+    assert referral[:2] == ("NOERROR", 0) and referral[2] >= 1  # the NS
+    assert nxdomain == ("NXDOMAIN", 0, 1)
+
+
+async def test_truncated_and_dropped_replies_count_nothing(dns_server, db):
+    raw = await RawUdp.open(dns_server, "ipv4")
+    try:
+        # big.edge.test does not fit 512 bytes: TC=1, no records.
+        await raw.exchange(wire_query("big.edge.test", "A"))
+        raw.send(b"\x00")  # no header: nothing sent
+        await raw.exchange(wire_query("survey.example.org", "A"))
+    finally:
+        raw.close()
+    assert dns_server.dns is not None
+    await dns_server.dns.drain()
+    rows = db("SELECT truncated, ancount, nscount FROM dns_queries ORDER BY id")
+    assert [tuple(r) for r in rows][:2] == [(1, 0, 0), (0, None, None)]
+
+
 # -- the fast path equals the general path ------------------------------------------------
 
 
@@ -566,6 +609,11 @@ def test_fast_path_matches_general_path_and_cache_matches_fresh_answers():
                 assert reply.id == ident
                 assert reply.flags & (dns.flags.RD | dns.flags.CD) == flags
                 assert reply.question[0].name.to_text() == message.question[0].name.to_text()
+                # What the log keeps of the reply is what the reply says.
+                assert (fast.ancount, fast.nscount) == (
+                    sum(len(rrset) for rrset in reply.answer),
+                    sum(len(rrset) for rrset in reply.authority),
+                ), (qname, qtype, edns, tcp)
     # Per-session names share one template; other tokens still get their own name.
     template_hits = warm.respond(wire_query(f"{'q' * 32}.v6.example.org", "AAAA"))
     reply = dns.message.from_wire(template_hits.reply)

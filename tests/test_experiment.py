@@ -76,6 +76,26 @@ def test_iso_durations_and_loopback_http(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("http://survey.probe.test/", True),  # the namespace lab's survey (RFC 6761)
+        ("http://192.0.2.1/", True),  # a lab address (RFC 5737)
+        ("http://survey.example.org/", False),
+        ("http://survey.probe.test.example.org/", False),
+        ("http://10.1.2.3/", False),
+    ],
+)
+def test_plain_http_only_for_a_rehearsals_own_hosts(tmp_path, url, allowed):
+    path = write(tmp_path)
+    path.write_text(path.read_text().replace("https://survey.example.org/", url))
+    if allowed:
+        assert load_experiment(path).external_url == url
+    else:
+        with pytest.raises(ExperimentError, match="https://"):
+            load_experiment(path)
+
+
+@pytest.mark.parametrize(
     ("top", "batch", "expected"),
     [
         ("", 'name = "b"\nreward = 0.05\nassignments = 1', "batches.0.reward: Input should be"),

@@ -453,11 +453,12 @@ async def test_clock_moves_forward_only(fake_mturk):
     assert status == 400
 
 
-async def test_fake_listens_on_loopback_only():
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "10.0.0.5", "192.0.3.5"])
+async def test_fake_listens_on_loopback_or_a_lab_address_only(address):
     from probe_server.server import StartupError
 
-    with pytest.raises(StartupError, match="loopback only"):
-        await FakeServer().start("0.0.0.0")
+    with pytest.raises(StartupError, match="loopback"):
+        await FakeServer().start(address)
 
 
 async def test_standalone_fake_mturk_command(tmp_path):

@@ -222,13 +222,34 @@ async def test_rehearsal_site_must_be_configured(server, rehearsal_server, http)
 
 @pytest.mark.parametrize(
     "value",
-    ["https://evil.example", "http://10.0.0.1:8765", "http://127.0.0.1:8765/path", "ftp://[::1]"],
+    [
+        "https://evil.example",
+        "http://10.0.0.1:8765",
+        "http://127.0.0.1:8765/path",
+        "ftp://[::1]",
+        # Next to the lab's range, but routed.
+        "http://192.0.3.5:8765",
+        # A name is not an address: even a .test one could resolve anywhere.
+        "http://mturk.probe.test:8765",
+    ],
 )
-def test_rehearsal_sites_must_be_loopback_origins(tmp_path, value):
+def test_rehearsal_sites_must_be_loopback_or_lab_origins(tmp_path, value):
     path = tmp_path / "c.toml"
     path.write_text(f'[mturk]\nrehearsal_worker_sites = ["{value}"]\n')
     with pytest.raises(ConfigError, match=r"mturk\.rehearsal_worker_sites\.0: "):
         load_config(path)
+
+
+def test_the_lab_may_add_its_own_documentation_range_worker_site(tmp_path):
+    # The namespace lab's fake MTurk: no real network routes these ranges.
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[mturk]\nrehearsal_worker_sites = ["http://192.0.2.5:8765", "http://[2001:db8::5]:1"]\n'
+    )
+    assert load_config(path).mturk.rehearsal_worker_sites == (
+        "http://192.0.2.5:8765",
+        "http://[2001:db8::5]:1",
+    )
 
 
 def test_rehearsal_sites_are_canonical(tmp_path):

@@ -16,8 +16,11 @@ provides them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import secrets
+import select
 import signal
 import sqlite3
 import subprocess
@@ -54,6 +57,35 @@ SURVEY = "http://survey.probe.test/"
 PLAIN_TEREDO = "LABWORKERTEREDOPLAIN"
 # With PROBE_LAB_SCREENSHOTS=DIR (make lab sets docs/), these visits are saved.
 SCREENSHOTS = {"dualstack": "survey-dual-stack.png", "v4only": "survey-ipv4-only.png"}
+# The fake MTurk (`probe-server fake-mturk`) in the lab's mturk namespace:
+# every browser with IPv4 accepts a HIT there and hands its answer back.
+MTURK_SITE = f"http://{netlab.MTURK_V4}:8765"
+EXPERIMENT = """\
+name = "lab"
+title = "Count the red and blue balls"
+description = "Count the red balls and the blue balls you can see."
+external_url = "{survey}"
+assignment_duration = 600
+lifetime = 86400
+auto_approval_delay = 259200
+database = "{database}"
+
+[[batches]]
+name = "lab"
+reward = "0.05"
+assignments = 20
+"""
+# Two more browser visits beside the clients': one with JavaScript off (no
+# beacon: the server's log alone classifies it) on the IPv4-only network,
+# and one that answers before the beacon's timeout on the broken-IPv6
+# network (the page is closed while its IPv6 probes still load).
+NO_JAVASCRIPT = ("v4only", "ALABNOJS")
+EARLY = ("broken", "ALABEARLY")
+
+
+def worker_of(role: str) -> str:
+    """The workerId of a client's browser visit (MTurk's form: A and capitals)."""
+    return f"ALAB{role.upper()}"
 
 
 def _skip_reason() -> str | None:
@@ -71,26 +103,106 @@ class LabRun:
         self.workdir = workdir
         self.results: dict[str, dict[str, Any]] = {}
         self.plain: dict[str, dict[str, Any]] = {}
+        self.extra: dict[str, dict[str, Any]] = {}
         self.report: dict[str, Any] = {}
+        self.hit_id = ""
+        # The unique survey name the IPv6-only client was sent to.
+        self.v6only_name = f"v6only-{secrets.token_hex(6)}.survey.probe.test"
 
     def db(self, sql: str, *params: Any) -> list[sqlite3.Row]:
         with sqlite3.connect(self.workdir / "probe.db") as conn:
             conn.row_factory = sqlite3.Row
             return conn.execute(sql, params).fetchall()
 
-    def visit(self, role: str, *extra: str, worker: str = "") -> dict[str, Any]:
-        worker = worker or f"LABWORKER{role.upper()}"
-        url = f"{SURVEY}?assignmentId=LABASSIGN{worker}&hitId=LABHIT&workerId={worker}"
-        argv = [sys.executable, "-m", "probe_server.labworker", url, *extra]
+    def worker(self, role: str, *extra: str) -> dict[str, Any]:
+        argv = [sys.executable, "-m", "probe_server.labworker", *extra]
         done = self.lab.run(role, argv, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
         return result
 
+    def visit(self, role: str, *extra: str, worker: str = "") -> dict[str, Any]:
+        """A worker on MTurk: accept the lab's HIT, open it, count, answer, hand on."""
+        country = LAB_COUNTRIES[f"{public_ipv4(self.lab, role)}/32"][0]
+        return self.worker(
+            role,
+            MTURK_SITE,
+            "--hit",
+            self.hit_id,
+            "--worker",
+            worker or worker_of(role),
+            "--country",
+            country,
+            *extra,
+        )
+
+    def direct(self, role: str, url: str, *extra: str, worker: str = "") -> dict[str, Any]:
+        """A visit straight to ``url`` with MTurk's parameters but no turkSubmitTo."""
+        worker = worker or worker_of(role)
+        query = f"?assignmentId=LABASSIGN{worker}&hitId=LABHIT&workerId={worker}"
+        return self.worker(role, f"{url}{query}", *extra)
+
     def session(self, role: str, worker: str = "") -> sqlite3.Row | None:
-        worker = worker or f"LABWORKER{role.upper()}"
+        worker = worker or worker_of(role)
         rows = self.db("SELECT * FROM session_summary WHERE worker_id = ?", worker)
         return rows[-1] if rows else None
+
+    def hits(self, action: str, *extra: str) -> str:
+        """``probe-server hits ACTION`` against the fake, from the mturk namespace."""
+        argv = [
+            sys.executable,
+            "-m",
+            "probe_server",
+            "hits",
+            action,
+            str(self.workdir / "experiment.toml"),
+            "--endpoint-url",
+            MTURK_SITE,
+            *extra,
+        ]
+        done = self.lab.run("mturk", argv, timeout=120)
+        assert done.returncode == 0, (done.stdout, done.stderr[-2000:])
+        return done.stdout
+
+
+def start_fake_mturk(built: netlab.Lab, log: Path) -> subprocess.Popen[str]:
+    """``probe-server fake-mturk`` on the lab's MTurk address; ready once it says so."""
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            built.command(
+                "mturk",
+                [
+                    sys.executable,
+                    "-m",
+                    "probe_server",
+                    "fake-mturk",
+                    "--listen",
+                    MTURK_SITE.removeprefix("http://"),
+                ],
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "Worker site:" in line:
+            return process
+    process.wait()
+    raise RuntimeError(f"fake-mturk exited ({process.returncode}): {log.read_text()[-2000:]}")
+
+
+def stop(process: subprocess.Popen[str] | None) -> None:
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process is not None and process.stdout is not None:
+        process.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -131,33 +243,62 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
                 "beacon": True,
                 "beacon_timeout": BEACON_TIMEOUT,
             },
+            # The answer page may hand on to the lab's fake MTurk.
+            "mturk": {"rehearsal_worker_sites": [MTURK_SITE]},
         },
     )
+    (workdir / "experiment.toml").write_text(
+        EXPERIMENT.format(survey=SURVEY, database=workdir / "probe.db")
+    )
     shots = os.environ.get("PROBE_LAB_SCREENSHOTS")
-    with netlab.Lab() as built:
+    # SIGTERM or SIGHUP (a CI job cancelled, a terminal closed) raise, so
+    # the teardown below and the Lab's own run as after a failure.
+    with netlab.signals_interrupt(), netlab.Lab() as built:
         state = LabRun(built, workdir)
         server = ServerProcess(config, workdir, prefix=built.command("server", []))
         loop = asyncio.new_event_loop()
-        loop.run_until_complete(server.start())
         resolvers = []
+        fake: subprocess.Popen[str] | None = None
+        status = None
         try:
+            loop.run_until_complete(server.start())
             for resolver in netlab.default_resolvers():
                 resolvers.append(netlab.RunningResolver(built, resolver, workdir / resolver.role))
+            fake = start_fake_mturk(built, workdir / "fake-mturk.log")
+            state.hits("publish", "--no-split")
+            (state.hit_id,) = (r["hit_id"] for r in state.db("SELECT hit_id FROM hits"))
             for role in CLIENTS:
                 extra = []
                 if shots and role in SCREENSHOTS:
                     extra = ["--screenshot", str(Path(shots) / SCREENSHOTS[role])]
-                state.results[role] = state.visit(role, *extra)
-            state.plain["teredo"] = state.visit("teredo", "--plain", worker=PLAIN_TEREDO)
+                if role == "v6only":
+                    # No IPv4: it cannot reach MTurk's IPv4 worker site
+                    # either. A name of its own, so that its resolver has
+                    # to ask our DNS (nothing cached).
+                    url = f"http://{state.v6only_name}/"
+                    state.results[role] = state.direct(role, url, *extra)
+                else:
+                    state.results[role] = state.visit(role, *extra)
+            state.plain["teredo"] = state.direct("teredo", SURVEY, "--plain", worker=PLAIN_TEREDO)
+            role, worker = NO_JAVASCRIPT
+            state.extra["nojs"] = state.visit(role, "--no-javascript", worker=worker)
+            role, worker = EARLY
+            state.extra["early"] = state.visit(role, "--early", worker=worker)
+            state.hits("sync")
         finally:
+            stop(fake)
             for running in resolvers:
                 running.stop()
-            # SIGTERM flushes every queued row (DNS rows are not held for
-            # their commit), so the tests read a complete database.
-            server.kill(signal.SIGTERM)
-            status = loop.run_until_complete(_stopped(server))
+            if server.process is not None and server.process.returncode is None:
+                # SIGTERM flushes every queued row (DNS rows are not held
+                # for their commit), so the tests read a complete database.
+                with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                    server.kill(signal.SIGTERM)
+                status = loop.run_until_complete(_stopped(server))
             loop.close()
-            assert status == 0, server.stderr.decode()[-2000:]
+        # Outside the finally: a failed visit is reported as itself, not
+        # hidden behind the server's exit status.
+        assert status == 0, server.stderr.decode()[-2000:]
         state.report = _report(workdir)
         yield state
 
@@ -242,13 +383,14 @@ def test_ipv4_only_client_has_no_ipv6_and_got_nodata(run: LabRun) -> None:
     # The balls that failed leave nothing on screen to count (no broken-image box).
     assert result["seen"]["failed_area"] == 0
     # Its resolver asked for the session's IPv6-only name's A record and was
-    # told NODATA (NOERROR, no answer): the name exists, just not for IPv4.
+    # told NODATA (NOERROR, no answer, the zone's SOA in authority): the name
+    # exists, just not for IPv4.
     rows = run.db(
-        "SELECT DISTINCT rcode FROM session_dns WHERE session_token = ? AND name = 'v6.probe.test.'"
-        " AND qtype = 'A'",
+        "SELECT DISTINCT rcode, ancount, nscount FROM session_dns WHERE session_token = ?"
+        " AND name = 'v6.probe.test.' AND qtype = 'A'",
         session["token"],
     )
-    assert [r["rcode"] for r in rows] == ["NOERROR"]
+    assert [tuple(r) for r in rows] == [("NOERROR", 0, 1)]
     assert not run.db(
         "SELECT 1 FROM session_dns WHERE session_token = ? AND rcode = 'NXDOMAIN'", session["token"]
     )
@@ -315,23 +457,68 @@ def test_chromium_ignores_a_teredo_only_address(run: LabRun) -> None:
 def test_ipv6_only_client_cannot_load_the_ipv4_only_survey(run: LabRun) -> None:
     # The paper's design cannot see IPv6-only clients at all: the survey name
     # has only an A record. Chromium gets that A record (it asks for A even
-    # without IPv4) and then has no route to it.
+    # without IPv4) and then has no route to it: not a name that failed to
+    # resolve, an address it cannot reach.
     result = run.results["v6only"]
-    error = result.get("error", "")
-    assert "ERR_ADDRESS_UNREACHABLE" in error or "ERR_NAME_NOT_RESOLVED" in error, result
+    assert "ERR_ADDRESS_UNREACHABLE" in result.get("error", ""), result
     assert run.session("v6only") is None
     assert not run.db("SELECT 1 FROM requests WHERE addr = ?", run.lab.address("v6only", 6))
-    # Its resolver did ask us, and every answer about the survey name was
-    # NOERROR (an A record; NODATA for AAAA and for HTTPS, which Chromium
-    # also asks for), never NXDOMAIN.
+    # It was sent to a survey name nobody had asked for (under the zone's
+    # *.survey wildcard), so its resolver had nothing cached: that exact
+    # name's A query reached our DNS and got its A record. The other
+    # answers about it (AAAA, and HTTPS, which Chromium also asks for) were
+    # NODATA; none was NXDOMAIN.
     rows = run.db(
-        "SELECT DISTINCT qtype, rcode FROM dns_queries WHERE addr IN (?, ?)"
-        " AND lower(qname) = 'survey.probe.test.'",
-        netlab.RESOLVER_V4,
-        netlab.RESOLVER_V6,
+        "SELECT DISTINCT addr, qtype, rcode, ancount FROM dns_queries WHERE lower(qname) = ?",
+        run.v6only_name + ".",
     )
-    assert ("A", "NOERROR") in {tuple(r) for r in rows}
+    asked = {(r["qtype"], r["rcode"], r["ancount"]) for r in rows}
+    assert ("A", "NOERROR", 1) in asked, asked
     assert {r["rcode"] for r in rows} == {"NOERROR"}
+    assert {r["addr"] for r in rows} <= {netlab.RESOLVER_V4, netlab.RESOLVER_V6}
+
+
+def test_every_browser_hands_its_answer_to_mturk(run: LabRun) -> None:
+    # Each browser accepted the lab's HIT on the fake MTurk and opened the
+    # task URL it gave (assignmentId, hitId, workerId, turkSubmitTo); after
+    # the survey stored the answer, the answer page posted it to the fake's
+    # externalSubmit (its script; the no-JavaScript visit pressed its
+    # button). `hits sync` then read every assignment back from MTurk.
+    visits = {worker_of(role): result for role, result in run.results.items() if role != "v6only"}
+    visits[NO_JAVASCRIPT[1]] = run.extra["nojs"]
+    visits[EARLY[1]] = run.extra["early"]
+    for worker, result in visits.items():
+        assert result["after_submit"] == f"{MTURK_SITE}/mturk/externalSubmit", result
+        (session,) = run.db(
+            "SELECT token, assignment_id, hit_id, turk_submit_to FROM sessions WHERE worker_id = ?",
+            worker,
+        )
+        assert session["turk_submit_to"] == MTURK_SITE
+        assert (session["assignment_id"], session["hit_id"]) == (
+            result["assignment_id"],
+            run.hit_id,
+        )
+        (assignment,) = run.db(
+            "SELECT a.status, a.worker_id, a.answers, s.session_token, s.session_id"
+            " FROM assignments a JOIN assignment_session s USING (assignment_id)"
+            " WHERE assignment_id = ?",
+            result["assignment_id"],
+        )
+        assert (assignment["status"], assignment["worker_id"]) == ("Submitted", worker)
+        # What arrived at MTurk is what the worker typed, with the session.
+        assert json.loads(assignment["answers"]) == {
+            "token": session["token"],
+            "red": str(result["seen"]["red"]),
+            "blue": str(result["seen"]["blue"]),
+        }
+        assert assignment["session_token"] == session["token"]
+        assert assignment["session_id"] is not None
+    # Without JavaScript the answer page stayed until its button was pressed.
+    assert run.extra["nojs"]["answered_at"] == SURVEY + "submit"
+    # The plain client came without turkSubmitTo: nothing to hand on.
+    assert run.plain["teredo"]["submitted"]
+    (plain,) = run.db("SELECT turk_submit_to FROM sessions WHERE worker_id = ?", PLAIN_TEREDO)
+    assert plain["turk_submit_to"] is None
 
 
 def test_every_visit_reached_only_its_own_sessions(run: LabRun) -> None:
@@ -343,9 +530,11 @@ def test_every_visit_reached_only_its_own_sessions(run: LabRun) -> None:
 
 def test_report_matches_the_lab_population(run: LabRun) -> None:
     report = run.report
-    # Nine sessions: eight browsers with IPv4 and the plain Teredo client; the
-    # IPv6-only client never got a page.
-    assert report["sessions"] == {"total": 9, "previews": 0, "accepted": 9}
+    # Eleven sessions: eight browsers with IPv4, the plain Teredo client, and
+    # the no-JavaScript and early-answer visits (from the IPv4-only and the
+    # broken networks, whose addresses are counted already); the IPv6-only
+    # client never got a page.
+    assert report["sessions"] == {"total": 11, "previews": 0, "accepted": 11}
     assert report["ipv4_addresses"] == 8
     # Blue balls came from the dual-stack, IPv4-resolver and mtu clients
     # (native), and from 6to4 and Teredo; the AAAA-dropping and broken
@@ -392,6 +581,111 @@ def test_lab_is_torn_down_after_a_failure_and_after_a_dead_run() -> None:
     assert not (netlab.NETNS_ETC / dead.ns("server")).exists()
 
 
+# A process that holds a lab: two hosts, a resolver file, and a process in
+# the server's namespace that ignores SIGTERM (as a server busy flushing
+# might), which only SIGKILL stops. It says where that process is, then
+# waits for a signal.
+HOLDER = """
+import json, signal, subprocess, sys
+from probe_server import lab as netlab
+
+STUBBORN = (
+    "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+    " print('up', flush=True); signal.pause()"
+)
+hosts = [
+    netlab.Host("server", "192.0.2.1/24"),
+    netlab.Host("client", "192.0.2.10/24", resolver="192.0.2.1"),
+]
+with netlab.signals_interrupt(), netlab.Lab(hosts) as built:
+    inside = subprocess.Popen(
+        built.command("server", [sys.executable, "-c", STUBBORN]),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert inside.stdout.readline() == "up\\n"
+    print(json.dumps({"inside": inside.pid}), flush=True)
+    signal.pause()
+"""
+
+
+class Holder:
+    """A child process holding a lab, and a pidfd on the process inside it."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", HOLDER],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line, self.process.communicate(timeout=30)
+        self.inside = json.loads(line)["inside"]
+        self.pidfd = os.pidfd_open(self.inside)
+        self.prefix = f"{netlab.PREFIX}-{self.process.pid}-"
+        assert netlab.namespace_pids(self.prefix + "server") == [self.inside]
+        assert (netlab.NETNS_ETC / (self.prefix + "client") / "resolv.conf").exists()
+
+    def wait(self) -> int:
+        _, stderr = self.process.communicate(timeout=60)
+        self.stderr = stderr
+        return self.process.returncode
+
+    def left_behind(self) -> list[str]:
+        left = [n for n in netlab._live_namespaces() if n.startswith(self.prefix)]
+        if netlab.NETNS_ETC.is_dir():
+            left += [str(e) for e in netlab.NETNS_ETC.iterdir() if e.name.startswith(self.prefix)]
+        # The pidfd turns readable once the process has exited.
+        readable, _, _ = select.select([self.pidfd], [], [], 10)
+        if not readable:
+            left.append(f"process {self.inside}")
+        return left
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_lab_stopped_by_a_signal_leaves_nothing(signum: int) -> None:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    holder = Holder()
+    try:
+        holder.process.send_signal(signum)
+        status = holder.wait()
+        # The signal became an exception: the Lab's teardown ran and the
+        # process ended with the traceback of the interrupt, not silently.
+        assert "Interrupted: lab interrupted by" in holder.stderr, holder.stderr
+        assert status != 0
+        assert holder.left_behind() == []
+    finally:
+        holder.close()
+
+
+def test_a_lab_killed_outright_is_swept_by_the_next() -> None:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    holder = Holder()
+    try:
+        # SIGKILL runs no teardown: namespaces, resolver files and the
+        # process inside stay, until the next lab sweeps them away.
+        holder.process.kill()
+        holder.wait()
+        assert netlab.namespace_pids(holder.prefix + "server") == [holder.inside]
+        netlab.sweep_stale()
+        assert holder.left_behind() == []
+    finally:
+        holder.close()
+
+
 # -- the measurement battery ------------------------------------------------------
 
 OUTCOMES = (
@@ -405,81 +699,73 @@ OUTCOMES = (
 )
 
 
-def battery_row(run: LabRun, role: str) -> sqlite3.Row:
-    session = run.session(role)
-    assert session is not None, run.results[role]
+def battery_row(run: LabRun, role: str, worker: str = "") -> sqlite3.Row:
+    session = run.session(role, worker)
+    assert session is not None, run.results.get(role)
     (row,) = run.db("SELECT * FROM battery_outcomes WHERE session_token = ?", session["token"])
     return row
 
 
-def beacon_states(run: LabRun, role: str) -> dict[str, str]:
-    session = run.session(role)
+def probe_rows(run: LabRun, role: str, worker: str = "") -> dict[str, sqlite3.Row]:
+    session = run.session(role, worker)
     assert session is not None
-    rows = run.db(
-        "SELECT probe, beacon_state FROM battery_probes WHERE session_token = ?", session["token"]
+    rows = run.db("SELECT * FROM battery_probes WHERE session_token = ?", session["token"])
+    return {r["probe"]: r for r in rows}
+
+
+def beacon_states(run: LabRun, role: str, worker: str = "") -> dict[str, str]:
+    return {probe: row["beacon_state"] for probe, row in probe_rows(run, role, worker).items()}
+
+
+HINTS = ("hint_teredo", "hint_6to4", "hint_6rd", "hint_asn_differs")
+
+
+def outcomes(
+    ipv4_only: int | None,
+    ipv6_capable: int | None,
+    ipv6_preferred: int | None,
+    broken_dual_stack: int | None,
+    ipv6_without_aaaa: int | None,
+    mtu_trouble: int | None,
+    resolver_ipv6: int | None,
+    hints: str | None,
+) -> dict[str, int | None]:
+    """A row of docs/lab.md's outcome table; ``hints``: the hints that are 1,
+    space separated ("" for none, None when there is no IPv6 address)."""
+    named = (hints or "").split()
+    return dict(
+        ipv4_only=ipv4_only,
+        ipv6_capable=ipv6_capable,
+        ipv6_preferred=ipv6_preferred,
+        broken_dual_stack=broken_dual_stack,
+        ipv6_without_aaaa=ipv6_without_aaaa,
+        mtu_trouble=mtu_trouble,
+        resolver_ipv6=resolver_ipv6,
+        **{hint: None if hints is None else int(hint in named) for hint in HINTS},
     )
-    return {r["probe"]: r["beacon_state"] for r in rows}
 
 
-# What each browser's network makes of the battery (None: not measured).
+# What each browser's network makes of the battery (None: not measured),
+# row by row as in docs/lab.md.
 EXPECTED = {
-    "v4only": dict(
-        ipv4_only=1,
-        ipv6_capable=0,
-        ipv6_preferred=0,
-        broken_dual_stack=0,
-        ipv6_without_aaaa=0,
-        mtu_trouble=None,
-        resolver_ipv6=1,
-    ),
-    "dualstack": dict(
-        ipv4_only=0,
-        ipv6_capable=1,
-        ipv6_preferred=1,
-        broken_dual_stack=0,
-        ipv6_without_aaaa=0,
-        mtu_trouble=0,
-        resolver_ipv6=1,
-    ),
+    "v4only": outcomes(1, 0, 0, 0, 0, None, 1, None),
+    "dualstack": outcomes(0, 1, 1, 0, 0, 0, 1, ""),
+    # A 6to4 address is IPv6 all the same (not native: the paper's tables).
+    "sixtofour": outcomes(0, 1, 1, 0, 0, 0, 1, "hint_6to4"),
+    # Chromium with a Teredo address only: no IPv6 for names, the literal
+    # through Teredo (see test_chromium_with_teredo_or_6to4).
+    "teredo": outcomes(0, 0, 0, 0, 0, None, 1, "hint_teredo"),
     # Its resolver has no IPv6: the v6ns name never resolves.
-    "v4resolver": dict(
-        ipv4_only=0,
-        ipv6_capable=1,
-        ipv6_preferred=1,
-        broken_dual_stack=0,
-        ipv6_without_aaaa=0,
-        mtu_trouble=0,
-        resolver_ipv6=0,
-    ),
-    # Its resolver drops AAAA answers: only the literal reaches IPv6.
-    "noaaaa": dict(
-        ipv4_only=0,
-        ipv6_capable=0,
-        ipv6_preferred=0,
-        broken_dual_stack=0,
-        ipv6_without_aaaa=1,
-        mtu_trouble=None,
-    ),
-    # IPv6 connects, then carries nothing: the dual-stack fetch hangs.
-    "broken": dict(
-        ipv4_only=0,
-        ipv6_capable=0,
-        ipv6_preferred=None,
-        broken_dual_stack=1,
-        ipv6_without_aaaa=0,
-        mtu_trouble=None,
-        resolver_ipv6=1,
-    ),
+    "v4resolver": outcomes(0, 1, 1, 0, 0, 0, 0, ""),
+    # Its resolver drops AAAA answers: only the literal reaches IPv6. The
+    # filter also drops the v6ns name server's AAAA glue, so that resolver
+    # never reaches the child: no IPv6 resolver either.
+    "noaaaa": outcomes(0, 0, 0, 0, 1, None, 0, ""),
+    # IPv6 connects, then carries nothing: the dual-stack fetch hangs, and
+    # no IPv6 fetch ever arrives (no address to hint about).
+    "broken": outcomes(0, 0, None, 1, 0, None, 1, None),
     # Full-size IPv6 packets are lost on its path; small ones arrive.
-    "mtu": dict(
-        ipv4_only=0,
-        ipv6_capable=1,
-        ipv6_preferred=1,
-        broken_dual_stack=0,
-        ipv6_without_aaaa=0,
-        mtu_trouble=1,
-        resolver_ipv6=1,
-    ),
+    "mtu": outcomes(0, 1, 1, 0, 0, 1, 1, "hint_6rd hint_asn_differs"),
 }
 
 
@@ -492,6 +778,62 @@ def test_battery_classifies_each_client(run: LabRun, role: str) -> None:
     assert run.results[role]["beacon"] == "final"
     session = run.session(role)
     assert session is not None and session["red_correct"] == 1
+
+
+def test_without_javascript_the_servers_log_alone_classifies(run: LabRun) -> None:
+    role, worker = NO_JAVASCRIPT
+    result = run.extra["nojs"]
+    session = run.session(role, worker)
+    assert session is not None and session["red_correct"] == 1, result
+    assert "beacon" not in result  # the page's script never ran
+    assert not run.db("SELECT 1 FROM beacons WHERE session_token = ?", session["token"])
+    probes = probe_rows(run, role, worker)
+    assert {p: r["beacon_state"] for p, r in probes.items()} == dict.fromkeys(probes, None)
+    # What was fetched is 'ok'; what never came is 'missing' (no beacon to
+    # say failed or timed out), and the outcomes are those of the same
+    # network with JavaScript.
+    assert {p: r["result"] for p, r in probes.items()} == {
+        "ipv4": "ok",
+        "ipv6": "missing",
+        "ds": "ok",
+        "literal": "missing",
+        "mtu": "missing",
+        "v6ns": "ok",
+    }
+    assert probes["ds"]["site"] == probes["v6ns"]["site"] == "ipv4"
+    row = battery_row(run, role, worker)
+    assert {key: row[key] for key in EXPECTED[role]} == EXPECTED[role], dict(row)
+
+
+def test_answering_before_the_beacons_timeout_leaves_the_ipv6_probes_unmeasured(
+    run: LabRun,
+) -> None:
+    role, worker = EARLY
+    result = run.extra["early"]
+    session = run.session(role, worker)
+    assert session is not None and session["red_correct"] == 1, result
+    # The worker answered while the IPv6 probes still hung: no report yet.
+    # Leaving the page sent the one report (the page's "closed": final 0),
+    # with what was still loading as pending. It left at pagehide, while the
+    # browser went on through the answer page to MTurk's, so it was in long
+    # before the browser closed (the server's log is the only witness).
+    assert result["beacon_before_submit"] is None
+    rows = run.db(
+        "SELECT addr, final, probe, state FROM beacons WHERE session_token = ?", session["token"]
+    )
+    assert {(r["addr"], r["final"]) for r in rows} == {(run.lab.address(role, 4), 0)}
+    states = {r["probe"]: r["state"] for r in rows}
+    still = {"ipv6", "ds", "literal", "mtu", "v6ns"}
+    assert states == {"ipv4": "loaded", **dict.fromkeys(still, "pending")}
+    probes = probe_rows(run, role, worker)
+    assert probes["ipv4"]["result"] == "ok"
+    assert {p: probes[p]["result"] for p in still} == dict.fromkeys(still, "pending")
+    # Nothing that depends on a pending probe is measured. The resolver's
+    # IPv6 is: the DNS log saw it ask for the v6ns name over IPv6.
+    row = battery_row(run, role, worker)
+    assert {key: row[key] for key in EXPECTED[role]} == outcomes(
+        None, None, None, None, None, None, 1, None
+    ), dict(row)
 
 
 def test_broken_and_black_holed_probes_are_timeouts_not_closed_pages(run: LabRun) -> None:
@@ -556,15 +898,28 @@ def test_session_labels_join_each_session_with_its_resolver(run: LabRun) -> None
     )
     assert {tuple(r) for r in only_ipv4} == {(netlab.RESOLVER4_V4, "ipv4")}
     assert run.db("SELECT 1 FROM dns_queries WHERE qname <> lower(qname) LIMIT 1")
+    # The resolvers saw labels, never a session's token (its credential).
+    tokens = [r["session_token"] for r in run.db("SELECT session_token FROM battery_pages")]
+    names = [r["qname"].lower() for r in run.db("SELECT qname FROM dns_queries") if r["qname"]]
+    assert tokens and not [n for n in names if any(token in n for token in tokens)]
+    labelled = run.db("SELECT DISTINCT session_token FROM session_dns")
+    assert len(labelled) == len(tokens)
 
 
 def test_report_has_the_battery(run: LabRun) -> None:
     battery = run.report["battery"]
-    assert battery["sessions"] == 9
-    outcomes = battery["outcomes"]
-    assert outcomes["broken_dual_stack"]["yes"] == 1
-    assert outcomes["mtu_trouble"]["yes"] == 1
-    assert outcomes["ipv6_without_aaaa"]["yes"] >= 1
-    assert outcomes["hint_6rd"]["yes"] == 1
+    # Counted as the paper's tables count: eleven sessions, eight IPv4
+    # addresses, each once (the Teredo host's browser and plain client, the
+    # IPv4-only host's two visits, the broken host's two).
+    assert (battery["sessions"], battery["ipv4_addresses"]) == (11, 8)
+    assert battery["unit"] == "ipv4_addresses"
+    outcomes = {key: (o["ipv4_addresses"], o["yes"]) for key, o in battery["outcomes"].items()}
+    # IPv6-capable: dual-stack, 6to4, IPv4-resolver, mtu, and the Teredo
+    # host (its plain client fetched the blue balls; its browser did not).
+    assert outcomes["ipv6_capable"] == (8, 5)
+    assert outcomes["broken_dual_stack"] == (8, 1)
+    assert outcomes["ipv6_without_aaaa"] == (8, 1)
+    assert outcomes["mtu_trouble"][1] == 1
+    assert outcomes["hint_6rd"][1] == 1
     countries = {c["country"] for c in battery["by_country"]}
     assert countries == {"US", "IN", "GB"}

@@ -209,8 +209,10 @@ EXPECTED = {
     # is present, unmeasured.
     "battery": {
         "sessions": 0,
+        "ipv4_addresses": 0,
+        "unit": "ipv4_addresses",
         "outcomes": {
-            key: {"sessions": 0, "yes": 0, "rate": None, "ci95_low": None, "ci95_high": None}
+            key: {"ipv4_addresses": 0, "yes": 0, "rate": None, "ci95_low": None, "ci95_high": None}
             for key in (*BATTERY_OUTCOMES, *BATTERY_HINTS)
         },
         "by_country": [],

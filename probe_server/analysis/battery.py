@@ -1,9 +1,13 @@
 """The battery's results: what `probe-server report` adds beside the paper's tables.
 
-Each battery page is one sample, as in test-ipv6.com and APNIC Labs: the
-outcomes (``battery_outcomes``, schema 0007) are counted over the sessions
-where each was measured, overall and per country of the session's IPv4
-address, with Wilson intervals (``report_battery``). Enrichment classifies
+The unit is the IPv4 address, as in the paper's tables (``report_battery``,
+schema 13): an address counts once for an outcome however many of its
+sessions measured it, yes when any of them measured yes (the paper's rule
+for native IPv6), overall and per country, with Wilson intervals. A worker
+who reloads the page or takes several HITs then weighs no more here than in
+Table 2, and the battery's rates sit beside the paper's adoption rate.
+``battery_outcomes`` keeps one row per session (per page: test-ipv6.com's
+and APNIC's sample) for analyses that want that. Enrichment classifies
 the IPv6 addresses that fetched battery probes (a worker whose AAAA lookups
 fail fetches only the literal) and pairs each session's IPv4 and IPv6
 addresses for the 6rd hint.
@@ -40,9 +44,9 @@ _IPV6_KINDS = "('blue', 'ds', 'literal', 'mtu', 'mtu-ok', 'v6ns')"
 
 @dataclass(frozen=True, slots=True)
 class Rate:
-    """One outcome in one country: yes out of the sessions that measured it."""
+    """One outcome in one country: yes out of the IPv4 addresses that measured it."""
 
-    sessions: int
+    ipv4_addresses: int
     yes: int
     rate: float
     ci95_low: float
@@ -53,6 +57,7 @@ class Rate:
 @dataclass
 class BatteryResults:
     sessions: int = 0
+    ipv4_addresses: int = 0
     overall: dict[str, Rate] = field(default_factory=dict)
     by_country: dict[str, dict[str, Rate]] = field(default_factory=dict)
     probes: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -112,9 +117,12 @@ def enrich_battery(conn: sqlite3.Connection) -> tuple[int, int]:
 def read_battery(conn: sqlite3.Connection) -> BatteryResults:
     """The battery's numbers from the ``report_battery`` and ``battery_probes`` views."""
     results = BatteryResults()
-    (results.sessions,) = conn.execute("SELECT count(*) FROM battery_pages").fetchone()
+    results.sessions, results.ipv4_addresses = conn.execute(
+        "SELECT count(*), count(DISTINCT s.ipv4) FROM battery_pages b"
+        " JOIN sessions s ON s.token = b.session_token"
+    ).fetchone()
     for country, outcome, n, x, rate, low, high, small in conn.execute(
-        "SELECT country, outcome, sessions, yes, rate, ci95_low, ci95_high, small_sample"
+        "SELECT country, outcome, ipv4_addresses, yes, rate, ci95_low, ci95_high, small_sample"
         " FROM report_battery"
     ):
         value = Rate(n, x, rate, low, high, bool(small))
@@ -131,9 +139,9 @@ def read_battery(conn: sqlite3.Connection) -> BatteryResults:
 
 def _rate_json(rate: Rate | None) -> dict[str, Any]:
     if rate is None:
-        return {"sessions": 0, "yes": 0, "rate": None, "ci95_low": None, "ci95_high": None}
+        return {"ipv4_addresses": 0, "yes": 0, "rate": None, "ci95_low": None, "ci95_high": None}
     return {
-        "sessions": rate.sessions,
+        "ipv4_addresses": rate.ipv4_addresses,
         "yes": rate.yes,
         "rate": rate.rate,
         "ci95_low": rate.ci95_low,
@@ -142,10 +150,16 @@ def _rate_json(rate: Rate | None) -> dict[str, Any]:
 
 
 def battery_json(results: BatteryResults) -> dict[str, Any]:
-    """The ``battery`` key of the JSON report: every outcome and hint always present."""
+    """The ``battery`` key of the JSON report: every outcome and hint always present.
+
+    ``sessions`` counts the pages that carried the battery, ``ipv4_addresses``
+    their distinct IPv4 addresses: the unit of every rate (``unit``).
+    """
     keys = (*OUTCOMES, *HINTS)
     return {
         "sessions": results.sessions,
+        "ipv4_addresses": results.ipv4_addresses,
+        "unit": "ipv4_addresses",
         "outcomes": {key: _rate_json(results.overall.get(key)) for key in keys},
         "by_country": [
             {"country": country, "outcomes": {key: _rate_json(rates.get(key)) for key in keys}}
@@ -160,11 +174,11 @@ def battery_json(results: BatteryResults) -> dict[str, Any]:
 
 
 def _countries(results: BatteryResults) -> list[tuple[str, dict[str, Rate]]]:
-    """Countries by sessions (IPv6-capable measured everywhere), unknown last."""
+    """Countries by IPv4 addresses (IPv6-capable measured everywhere), unknown last."""
 
     def size(item: tuple[str, dict[str, Rate]]) -> tuple[bool, int, str]:
         country, rates = item
-        most = max((rate.sessions for rate in rates.values()), default=0)
+        most = max((rate.ipv4_addresses for rate in rates.values()), default=0)
         return (country == "unknown", -most, country)
 
     return sorted(results.by_country.items(), key=size)

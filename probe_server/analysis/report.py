@@ -953,9 +953,9 @@ def render_markdown(
 def _rate_cells(report: Report, rate: Rate | None) -> tuple[str, str, str, str]:
     if rate is None:
         return ("–", "–", "–", "–")
-    mark = " *" if rate.sessions < report.min_sample else ""
+    mark = " *" if rate.ipv4_addresses < report.min_sample else ""
     return (
-        _count(rate.sessions),
+        _count(rate.ipv4_addresses),
         _count(rate.yes),
         _percent(rate.rate, 1) + mark,
         f"{_percent(rate.ci95_low, 1)} – {_percent(rate.ci95_high, 1)}",
@@ -968,12 +968,14 @@ def _battery_markdown(report: Report) -> list[str]:
     if not battery.sessions:
         return [*lines, "No page carried the battery (`battery.probes` in the config)."]
     lines += [
-        f"{_count(battery.sessions)} sessions carried test-ipv6.com's and APNIC Labs' probes"
-        " beside the balls. Each outcome counts the sessions where it was measured (its probe"
-        " on the page, not still loading when the page was closed).",
+        f"{_count(battery.sessions)} sessions from {_count(battery.ipv4_addresses)} IPv4"
+        " addresses carried test-ipv6.com's and APNIC Labs' probes beside the balls. As in"
+        " the paper's tables, the unit is the IPv4 address: each outcome counts the addresses"
+        " where it was measured (its probe on the page, not still loading when the page was"
+        " closed), yes when any of the address's sessions measured yes.",
         "",
         *_table(
-            ("Outcome", "Sessions measured", "Yes", "Rate", "95% interval (Wilson)"),
+            ("Outcome", "IPv4 addresses measured", "Yes", "Rate", "95% interval (Wilson)"),
             (
                 (text, *_rate_cells(report, battery.overall.get(key)))
                 for key, text in (*OUTCOMES.items(), *HINTS.items())
@@ -981,7 +983,7 @@ def _battery_markdown(report: Report) -> list[str]:
             "lrrrr",
         ),
         "",
-        f"\\* fewer than {report.min_sample} sessions.",
+        f"\\* fewer than {report.min_sample} IPv4 addresses.",
         "",
         "### By country (of the session's IPv4 address)",
         "",
@@ -990,7 +992,7 @@ def _battery_markdown(report: Report) -> list[str]:
         battery.by_country.items(),
         key=lambda item: (
             item[0] == UNKNOWN,
-            -max((r.sessions for r in item[1].values()), default=0),
+            -max((r.ipv4_addresses for r in item[1].values()), default=0),
             item[0],
         ),
     )
@@ -1003,7 +1005,7 @@ def _battery_markdown(report: Report) -> list[str]:
                 *(
                     "–"
                     if rates.get(key) is None
-                    else f"{rates[key].yes}/{rates[key].sessions}"
+                    else f"{rates[key].yes}/{rates[key].ipv4_addresses}"
                     f" ({_percent(rates[key].rate, 0)},"
                     f" {_percent(rates[key].ci95_low, 0)}–{_percent(rates[key].ci95_high, 0)})"
                     for _, rates in shown
@@ -1134,7 +1136,7 @@ def render_csv(report: Report) -> dict[str, str]:
             (
                 "country",
                 "outcome",
-                "sessions",
+                "ipv4_addresses",
                 "yes",
                 "rate",
                 "ci95_low",
@@ -1145,7 +1147,7 @@ def render_csv(report: Report) -> dict[str, str]:
                 (
                     country,
                     outcome,
-                    r.sessions,
+                    r.ipv4_addresses,
                     r.yes,
                     r.rate,
                     r.ci95_low,

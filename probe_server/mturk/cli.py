@@ -478,7 +478,8 @@ def add_commands(commands: Any) -> None:
         "--listen",
         default=DEFAULT_FAKE_LISTEN,
         metavar="ADDRESS:PORT",
-        help=f"loopback address and port (default {DEFAULT_FAKE_LISTEN})",
+        help=f"loopback (or lab documentation-range) address and port"
+        f" (default {DEFAULT_FAKE_LISTEN})",
     )
     fake.add_argument(
         "--balance",

@@ -7,7 +7,6 @@ Relative paths are taken relative to the file's own directory.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -19,7 +18,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import describe_error
+from ..config import describe_error, is_rehearsal_host
 from ..i18n import SOURCE_LANGUAGE, languages
 
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -61,26 +60,16 @@ def _country(value: str) -> str:
     return value
 
 
-def is_loopback_host(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _external_url(value: str) -> str:
     parts = urlsplit(value)
     if not parts.netloc or parts.fragment:
         raise ValueError(f"expected an absolute URL without a fragment, got {value!r}")
-    # MTurk requires HTTPS. Plain http is let through for loopback only, so a
-    # rehearsal against `probe-server fake-mturk` needs no certificate; the
-    # real MTurk refuses such a URL when the HIT is created.
+    # MTurk requires HTTPS. Plain http is let through for a rehearsal's own
+    # hosts only (loopback, the namespace lab's addresses and .test names),
+    # so a rehearsal against `probe-server fake-mturk` needs no certificate;
+    # the real MTurk refuses such a URL when the HIT is created.
     if parts.scheme != "https" and not (
-        parts.scheme == "http" and is_loopback_host(parts.hostname)
+        parts.scheme == "http" and is_rehearsal_host(parts.hostname)
     ):
         raise ValueError("MTurk needs an https:// URL (http:// only for a local rehearsal)")
     return value

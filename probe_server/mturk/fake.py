@@ -17,7 +17,8 @@ Two faces, like the real service:
 
 Its clock can be moved forward (``/_fake/clock``), so a rehearsal can spread
 completions over hours without waiting. State lives in memory. It binds to
-loopback only: it checks no signatures and has no notion of accounts.
+loopback only (or, in the namespace lab, its documentation-range address):
+it checks no signatures and has no notion of accounts.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from aiohttp import web
 from botocore.model import OperationModel, ServiceModel
 from botocore.validate import ParamValidator
 
+from ..config import is_rehearsal_address, is_rehearsal_host
 from ..survey import PREVIEW_ASSIGNMENT
-from .experiment import is_loopback_host
 from .questions import BadXML, parse_external_question, question_form_answers
 
 log = logging.getLogger(__name__)
@@ -488,10 +489,10 @@ class FakeMTurk:
             raise FakeError(f"Question is not a valid ExternalQuestion: {e}") from None
         parts = urlsplit(question.url)
         if parts.scheme != "https" and not (
-            parts.scheme == "http" and is_loopback_host(parts.hostname)
+            parts.scheme == "http" and is_rehearsal_host(parts.hostname)
         ):
-            # Real MTurk accepts https only; loopback http lets rehearsals run
-            # without a certificate.
+            # Real MTurk accepts https only; http to a rehearsal's own hosts
+            # (loopback, the lab's) lets rehearsals run without a certificate.
             raise FakeError("ExternalURL must be an https:// URL.")
         requirements = p.get("QualificationRequirements", [])
         self._check_requirements(requirements)
@@ -1077,8 +1078,13 @@ class FakeServer:
     async def start(self, address: str = "127.0.0.1", port: int = 0) -> str:
         from ..server import StartupError, bind_socket, site_url
 
-        if not is_loopback_host(address):
-            raise StartupError(f"the fake MTurk listens on loopback only, not {address}")
+        if not is_rehearsal_address(address):
+            # It checks no signatures: only this machine, or the namespace
+            # lab's own network, may reach it.
+            raise StartupError(
+                f"the fake MTurk listens on loopback (or a lab's documentation-range"
+                f" address) only, not {address}"
+            )
         sock = bind_socket(address, port)
         self.url = site_url(sock, None)
         self.fake.worker_site = self.url

@@ -31,9 +31,23 @@
     return img.src.indexOf("/blue/") >= 0 ? "ipv6" : null;
   }
 
-  function timing(url) {
+  function entryOf(img) {
+    var url = img.currentSrc || img.src;
     var entries = performance.getEntriesByName ? performance.getEntriesByName(url) : [];
-    var entry = entries.length ? entries[0] : null;
+    return entries.length ? entries[0] : null;
+  }
+
+  // When the image's response ended, in ms since the page's navigation
+  // began (Resource Timing), or null where the browser gives none. An image
+  // that loaded before this deferred script ran would otherwise get the
+  // script's start as its time.
+  function responseEnd(img) {
+    var entry = entryOf(img);
+    return entry && entry.responseEnd > 0 ? entry.responseEnd : null;
+  }
+
+  function timing(img) {
+    var entry = entryOf(img);
     if (!entry) {
       return {};
     }
@@ -61,7 +75,7 @@
       }
       var seen = { state: item.state, at: round(item.at === null ? performance.now() : item.at) };
       if (item.state === "loaded") {
-        var times = timing(item.img.currentSrc || item.img.src);
+        var times = timing(item.img);
         ["duration", "dns", "connect"].forEach(function (key) {
           if (typeof times[key] === "number" && isFinite(times[key])) {
             seen[key] = round(times[key]);
@@ -87,7 +101,10 @@
       return;
     }
     item.state = state;
-    item.at = performance.now();  // milliseconds since the page's navigation began
+    // Milliseconds since the page's navigation began: when the response
+    // ended if the browser says, else now (an error event, an old browser).
+    var ended = state === "loaded" ? responseEnd(item.img) : null;
+    item.at = ended === null ? performance.now() : ended;
     if (items.every(function (other) { return other.state !== "pending"; })) {
       send(true);
     }
