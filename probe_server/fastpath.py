@@ -64,6 +64,9 @@ IPV4, IPV6 = "ipv4", "ipv6"
 # not complete within this many bytes goes to aiohttp, which applies its own
 # limits (and answers 400 or 431 where they are passed).
 MAX_HEAD = 8190
+# What a connection may have sent ahead (pipelined) while its request waits
+# for its row; beyond this, reading stops until that request is answered.
+MAX_BUFFER = 65536
 MAX_LOGGED_AGENT = 512
 
 # The request line of a ball fetch: the path of the ball routes with a token
@@ -213,6 +216,7 @@ class FastConnection(GuardedConnection):
         self._close_after = False
         self._paused = False
         self._eof = False
+        self._reading_paused = False
         self._last = 0.0  # when the connection opened or last answered
         self._header_timer: asyncio.TimerHandle | None = None
         self._pending: tuple[str, bytes, bytes] = ("", b"", b"")
@@ -242,6 +246,9 @@ class FastConnection(GuardedConnection):
         if self._lingering or self.transport is None:
             return
         self.buffer += data
+        if len(self.buffer) > MAX_BUFFER and not self._reading_paused:
+            self.transport.pause_reading()
+            self._reading_paused = True
         if self.waiting is None and not self._paused:
             self._next()
 
@@ -395,8 +402,14 @@ class FastConnection(GuardedConnection):
             return
         self.table.idle(self)
         self._last = asyncio.get_running_loop().time()
+        self._resume_reading()
         if self.buffer and not self._paused:
             self._next()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     # -- connection ----------------------------------------------------------
 
@@ -422,6 +435,7 @@ class FastConnection(GuardedConnection):
         if transport is None or self.inner is not None:
             return None
         self.balls.handed_over += 1
+        self._resume_reading()  # aiohttp keeps its own flow control
         self.inner = self.factory()
         self.inner.connection_made(transport)
         if self._paused:

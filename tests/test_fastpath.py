@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 from probe_server import images
+from probe_server.fastpath import MAX_BUFFER
 from probe_server.keys import writer_key
 from probe_server.server import ProbeServer
 from probe_server.tokens import new_token
@@ -399,3 +400,25 @@ async def test_sigterm_answers_fast_requests_in_flight(server, db):
         await busy.close()
     balls = db("SELECT ball FROM requests WHERE kind = 'blue' ORDER BY id")
     assert [r["ball"] for r in balls] == [1, 2]
+
+
+async def test_what_a_client_sends_ahead_is_bounded(server):
+    """A request waiting for its row, megabytes sent behind it: reading stops, memory stays."""
+    token = await survey_token(server)
+    fast = server.fast[IPV6]
+    connection = await Raw.open(server, IPV6)
+    try:
+        with database_locked(server):
+            await connection.send(ball_request("blue", token, 1))
+            await until(lambda: any(c.waiting is not None for c in fast.connections))
+            (held,) = fast.connections
+            # Far more than the kernel's buffers hold: the client must block.
+            connection.writer.write(b"GET /" + b"x" * 16_000_000)
+            await until(lambda: held._reading_paused)
+            assert len(held.buffer) <= MAX_BUFFER + 2**20  # the limit and one read at most
+            # Most of it is still on the client's side: the server stopped reading.
+            assert connection.writer.transport.get_write_buffer_size() > 8_000_000
+        status, _, body = await connection.response()  # the ball, once stored
+        assert (status, body) == (200, images.BLUE_BALL)
+    finally:
+        connection.writer.transport.abort()
