@@ -70,8 +70,11 @@ def enrich_battery(conn: sqlite3.Connection) -> tuple[int, int]:
     missing is computed.
     """
     rows = []
+    # CROSS JOIN keeps battery_pages the outer loop: left to itself, SQLite
+    # walks every signed request (millions) to probe the few battery pages.
     for (address,) in conn.execute(
-        "SELECT DISTINCT r.addr FROM battery_pages b JOIN requests r ON r.token = b.session_token"
+        "SELECT DISTINCT r.addr FROM battery_pages b"
+        " CROSS JOIN requests r ON r.token = b.session_token"
         f" WHERE r.token_ok = 1 AND r.site = 'ipv6' AND r.kind IN {_IPV6_KINDS}"
         " AND NOT EXISTS (SELECT 1 FROM ipv6_addresses c WHERE c.address = r.addr)"
     ):
@@ -94,8 +97,8 @@ def enrich_battery(conn: sqlite3.Connection) -> tuple[int, int]:
     pairs = []
     for ipv4, ipv6 in conn.execute(
         "SELECT DISTINCT s.ipv4, r.addr FROM battery_pages b"
-        " JOIN sessions s ON s.token = b.session_token"
-        " JOIN requests r ON r.token = b.session_token"
+        " CROSS JOIN sessions s ON s.token = b.session_token"
+        " CROSS JOIN requests r ON r.token = b.session_token"
         f" WHERE r.token_ok = 1 AND r.site = 'ipv6' AND r.kind IN {_IPV6_KINDS}"
         " AND NOT EXISTS (SELECT 1 FROM address_pairs p WHERE p.ipv4 = s.ipv4 AND p.ipv6 = r.addr)"
     ):
