@@ -338,10 +338,11 @@ def main() -> int:
                 for table in ("sessions", "requests", "answers", "assignments")
             }
             distinct = conn.execute("SELECT count(DISTINCT ipv4) FROM sessions").fetchone()[0]
-            # Start cold: no class, no GeoIP answer stored yet.
+            # Start cold: no class, no GeoIP answer stored yet, nothing rolled up.
             conn.execute("DELETE FROM geoip")
             conn.execute("DELETE FROM ipv6_addresses")
             conn.execute("DELETE FROM enriched")
+            conn.execute("DELETE FROM rollup_state")
         size = sum(p.stat().st_size for p in workdir.glob("probe.db*")) / 2**20
         print(
             ", ".join(f"{n:,} {t}" for t, n in counts.items()),

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError
 from ..store import migrations
+from . import rollup
 from .addresses import classify
 from .battery import enrich_battery
 
@@ -408,4 +409,7 @@ def enrich(
     # ball) are classified before geolocating, so they are looked up too.
     classified += enrich_battery(conn)[0]
     looked_up = geolocate(conn, geo, stream=stream)
+    # The report reads the rollups; what is new since the last report is
+    # added to them here.
+    rollup.refresh(conn)
     return classified, looked_up

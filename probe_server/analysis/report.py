@@ -1,4 +1,10 @@
-"""The paper's tables from the ``report_*`` views (schema 0004), as Markdown, CSV and JSON.
+"""The paper's tables, as Markdown, CSV and JSON.
+
+The numbers are those of the ``report_*`` views (schema 0004), read from
+the rollups of schema 0014 (:mod:`.rollup`): at a million sessions the
+views join millions of rows, the rollups hold one narrow row per IPv4
+address, per IPv6 address and IPv4 address paired, and per completed HIT.
+``build_report(..., from_views=True)`` reads the views themselves.
 
 Which sessions count: every survey page served (every session), previews
 and direct visits included, since the paper extracted its 530 IPv4 and 38
@@ -29,8 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..store import open_sync
 from .addresses import CLASSES, DESCRIPTIONS
 from .battery import HINTS, OUTCOMES, RESULTS, BatteryResults, Rate, battery_json, read_battery
+from .rollup import refresh
 from .stats import MIN_SAMPLE, wilson
 
 UNKNOWN = "unknown"
@@ -241,40 +249,15 @@ def open_reader(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _addresses(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Tables 1 and 2, sessions, the IPv6 breakdown and which GeoIP builds answered."""
-    per_country = conn.execute(
-        "SELECT country, max(country_name), count(*), sum(native_ipv6),"
-        " sum(sessions), sum(previews), sum(accepted)"
-        " FROM report_ipv4 GROUP BY country"
-    ).fetchall()
+def _country_tables(per_country: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """Tables 1 and 2 and the sessions from rows of (country, name, IPv4 addresses,
+    native, sessions, previews, accepted)."""
     names = {row[0]: row[1] for row in per_country if row[1]}
     total_ipv4 = sum(row[2] for row in per_country)
     ordered = sorted(per_country, key=lambda row: _country_key((row[0], row[2])))
     total = sum(row[4] for row in per_country)
     previews = sum(row[5] for row in per_country)
     accepted = sum(row[6] for row in per_country)
-
-    classes = dict.fromkeys(CLASSES, 0)
-    providers: dict[int | None, list[Any]] = {}
-    tunnels: dict[tuple[str, str, int | None], list[Any]] = {}
-    for cls, country, asn, org in conn.execute("SELECT class, country, asn, org FROM report_ipv6"):
-        classes[cls] = classes.get(cls, 0) + 1
-        if cls == "native":
-            entry = providers.setdefault(asn, [asn, None, 0])
-            entry[1] = max(entry[1] or "", org or "") or None
-            entry[2] += 1
-        elif cls in ("teredo", "6to4", "nat64"):
-            entry = tunnels.setdefault((cls, country, asn), [None, 0])
-            entry[0] = max(entry[0] or "", org or "") or None
-            entry[1] += 1
-    builds = {
-        build
-        for (build,) in conn.execute(
-            "SELECT DISTINCT country_db FROM geoip UNION SELECT DISTINCT asn_db FROM geoip"
-        )
-        if build
-    }
     return {
         "sessions": {
             "total": total,
@@ -286,6 +269,25 @@ def _addresses(conn: sqlite3.Connection) -> dict[str, Any]:
         "by_country": [Adoption.of(c, k, x) for c, _, k, x, *_ in ordered],
         "overall": Adoption.of(OVERALL, total_ipv4, sum(row[3] for row in per_country)),
         "names": names,
+    }
+
+
+def _ipv6_tables(rows: Iterable[tuple[Any, ...]]) -> dict[str, Any]:
+    """The IPv6 breakdown from (class, country, asn, org), one row per address."""
+    classes = dict.fromkeys(CLASSES, 0)
+    providers: dict[int | None, list[Any]] = {}
+    tunnels: dict[tuple[str, str, int | None], list[Any]] = {}
+    for cls, country, asn, org in rows:
+        classes[cls] = classes.get(cls, 0) + 1
+        if cls == "native":
+            entry = providers.setdefault(asn, [asn, None, 0])
+            entry[1] = max(entry[1] or "", org or "") or None
+            entry[2] += 1
+        elif cls in ("teredo", "6to4", "nat64"):
+            entry = tunnels.setdefault((cls, country, asn), [None, 0])
+            entry[0] = max(entry[0] or "", org or "") or None
+            entry[1] += 1
+    return {
         "ipv6_classes": classes,
         "providers": sorted(
             (Provider(asn, org or UNKNOWN, n) for asn, org, n in providers.values()),
@@ -298,27 +300,79 @@ def _addresses(conn: sqlite3.Connection) -> dict[str, Any]:
             ),
             key=lambda t: (CLASSES.index(t.cls), -t.addresses, t.country, t.asn or 0),
         ),
-        "geoip_builds": sorted(builds),
     }
 
 
-def _completions(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Table 3 and Figure 2 from one pass over the completions view.
+def _geoip_builds(conn: sqlite3.Connection) -> list[str]:
+    return sorted(
+        build
+        for (build,) in conn.execute(
+            "SELECT DISTINCT country_db FROM geoip UNION SELECT DISTINCT asn_db FROM geoip"
+        )
+        if build
+    )
 
-    Completions are counted per minute since publication, per country and
-    batch: Table 3 adds the minutes up, Figure 2 accumulates them.
+
+def _addresses_from_views(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Tables 1 and 2, sessions, the IPv6 breakdown and the GeoIP builds, from the views."""
+    per_country = conn.execute(
+        "SELECT country, max(country_name), count(*), sum(native_ipv6),"
+        " sum(sessions), sum(previews), sum(accepted)"
+        " FROM report_ipv4 GROUP BY country"
+    ).fetchall()
+    ipv6 = conn.execute("SELECT class, country, asn, org FROM report_ipv6")
+    return {
+        **_country_tables(per_country),
+        **_ipv6_tables(ipv6),
+        "geoip_builds": _geoip_builds(conn),
+    }
+
+
+def _countries(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Tables 1 and 2 and the sessions, from the rollups (report_ipv4's numbers)."""
+    native = dict(
+        conn.execute(
+            "SELECT COALESCE(g.country, 'unknown'), count(*)"
+            " FROM (SELECT DISTINCT b.ipv4 FROM rollup_blue b"
+            "       JOIN ipv6_addresses c ON c.address = b.ipv6 AND c.class = 'native') n"
+            " LEFT JOIN geoip g ON g.address = n.ipv4"
+            " GROUP BY 1"
+        )
+    )
+    per_country = [
+        (country, name, count, native.get(country, 0), sessions, previews, accepted)
+        for country, name, count, sessions, previews, accepted in conn.execute(
+            "SELECT COALESCE(g.country, 'unknown'), max(g.country_name), count(*),"
+            " sum(i.sessions), sum(i.previews), sum(i.accepted)"
+            " FROM rollup_ipv4 i LEFT JOIN geoip g ON g.address = i.ipv4"
+            " GROUP BY 1"
+        )
+    ]
+    return _country_tables(per_country)
+
+
+def _ipv6_breakdown(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The IPv6 breakdown (report_ipv6's addresses) and the GeoIP builds, from the rollups."""
+    ipv6 = conn.execute(
+        "SELECT COALESCE(c.class, 'unclassified'), COALESCE(g.country, 'unknown'), g.asn, g.org"
+        " FROM (SELECT DISTINCT ipv6 FROM rollup_blue) v"
+        " LEFT JOIN ipv6_addresses c ON c.address = v.ipv6"
+        " LEFT JOIN geoip g ON g.address = c.geo_address"
+        " ORDER BY v.ipv6"
+    )
+    return {**_ipv6_tables(ipv6), "geoip_builds": _geoip_builds(conn)}
+
+
+def _completion_tables(rows: Iterable[tuple[Any, ...]]) -> dict[str, Any]:
+    """Table 3 and Figure 2 from completions counted per minute since publication.
+
+    Rows are (country, batch, reward, hours, completed, correct), one per
+    country, batch and minute, in order of country, batch and hours: Table 3
+    adds the minutes up, Figure 2 accumulates them.
     """
     totals: dict[tuple[str, str | None], list[Any]] = {}
     curves: dict[tuple[str, str | None], Curve] = {}
-    # Ball-counting batches only (a red count is right or wrong); the other
-    # kinds have their own sections.
-    for country, batch, reward, hours, count, correct in conn.execute(
-        "SELECT country, batch, max(reward), max(hours), count(*), sum(correct)"
-        " FROM report_completions"
-        " WHERE batch IS NULL OR batch NOT IN (SELECT name FROM batches WHERE kind <> 'balls')"
-        " GROUP BY country, batch, CAST(hours * 60 AS INTEGER) - (hours < 0)"
-        " ORDER BY country, batch, 4"
-    ):
+    for country, batch, reward, hours, count, correct in rows:
         key = (country, batch)
         total = totals.setdefault(key, [reward, 0, 0])
         total[1] += count
@@ -343,10 +397,108 @@ def _completions(conn: sqlite3.Connection) -> dict[str, Any]:
     }
 
 
-def _visits(conn: sqlite3.Connection) -> dict[str, Any]:
+# Ball-counting batches only (a red count is right or wrong); the other
+# kinds have their own sections.
+BALLS_ONLY = "batch IS NULL OR batch NOT IN (SELECT name FROM batches WHERE kind <> 'balls')"
+MINUTE = "CAST(hours * 60 AS INTEGER) - (hours < 0)"
+
+
+def _completions_from_views(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Table 3 and Figure 2 from one pass over the completions view."""
+    return _completion_tables(
+        conn.execute(
+            "SELECT country, batch, max(reward), max(hours), count(*), sum(correct)"
+            f" FROM report_completions WHERE {BALLS_ONLY}"
+            f" GROUP BY country, batch, {MINUTE}"
+            " ORDER BY country, batch, 4"
+        )
+    )
+
+
+# report_completions' `submitted`: assignments MTurk reports submitted whose
+# answer never reached us (no rolled-up completion), with the assignment's
+# first session, located and timed as the view does.
+SUBMITTED = """
+SELECT CASE WHEN length(b.countries) = 2 THEN b.countries
+            ELSE COALESCE((SELECT g.country FROM geoip g WHERE g.address = x.ipv4), 'unknown')
+       END AS country,
+       x.batch,
+       (x.submit_time - b.start) / 3600.0 AS hours
+FROM (
+    SELECT s.ipv4, g.submit_time,
+           COALESCE((SELECT h.batch FROM rollup_hits h WHERE h.hit_id = s.hit_id),
+                    NULLIF(s.batch, '')) AS batch
+    FROM assignments g INDEXED BY assignments_submitted
+    JOIN sessions s ON s.id = (
+        SELECT min(o.id) FROM sessions o INDEXED BY sessions_assignment
+        WHERE o.assignment_id = g.assignment_id AND o.visit = 'accepted')
+    WHERE g.submit_time IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM rollup_completions k WHERE k.key = 'a:' || g.assignment_id)
+) x
+LEFT JOIN rollup_batches b ON b.batch = x.batch
+"""
+
+
+def _completions(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Table 3 and Figure 2 from the rollups: report_completions' numbers.
+
+    The completions of a batch with one target country come off the
+    rollup's index already grouped; only those located by GeoIP, and the
+    few submitted without an answer, are grouped here.
+    """
+    return _completion_tables(
+        conn.execute(
+            "SELECT country, batch,"
+            " (SELECT r.reward FROM rollup_batches r WHERE r.batch = u.batch),"
+            " max(hours), sum(completed), sum(correct)"
+            " FROM ("
+            "  SELECT batch_country AS country, batch, minute, max(hours) AS hours,"
+            "         count(*) AS completed, sum(correct) AS correct"
+            "  FROM rollup_completions INDEXED BY rollup_completions_groups"
+            "  WHERE batch_country IS NOT NULL"
+            "  GROUP BY batch_country, batch, minute"
+            "  UNION ALL"
+            "  SELECT COALESCE(g.country, 'unknown'), c.batch, c.minute, max(c.hours), count(*),"
+            "         sum(c.correct)"
+            "  FROM rollup_completions c INDEXED BY rollup_completions_groups"
+            "  LEFT JOIN geoip g ON g.address = c.ipv4"
+            "  WHERE c.batch_country IS NULL"
+            "  GROUP BY 1, 2, 3"
+            "  UNION ALL"
+            f"  SELECT country, batch, {MINUTE}, max(hours), count(*), 0"
+            f"  FROM ({SUBMITTED})"
+            "  GROUP BY 1, 2, 3"
+            " ) u"
+            f" WHERE {BALLS_ONLY}"
+            " GROUP BY country, batch, minute"
+            " ORDER BY country, batch, 4"
+        )
+    )
+
+
+def _visits_from_views(conn: sqlite3.Connection) -> dict[str, Any]:
     """§4.4: sessions and requests by kind of visit."""
     rows = conn.execute("SELECT visit, sessions, requests FROM report_previews")
     return {"previews": {visit: (sessions, requests) for visit, sessions, requests in rows}}
+
+
+def _visits(conn: sqlite3.Connection) -> dict[str, Any]:
+    """§4.4 from the rollup's counters, worked out as report_previews does."""
+    counts: dict[str, int] = dict(conn.execute("SELECT name, value FROM rollup_counts"))
+    previews = counts.get("sessions preview", 0)
+    direct = counts.get("sessions direct", 0)
+    total = previews + direct + counts.get("sessions accepted", 0)
+    preview_requests = counts.get("requests preview", 0)
+    direct_requests = counts.get("requests direct", 0)
+    signed = counts.get("requests signed", 0)
+    return {
+        "previews": {
+            "preview": (previews, preview_requests),
+            "accepted": (total - previews - direct, signed - preview_requests - direct_requests),
+            "direct": (direct, direct_requests),
+            "none": (0, counts.get("requests", 0) - signed),
+        }
+    }
 
 
 def _addresses_of(value: str | None) -> tuple[str, ...]:
@@ -430,25 +582,56 @@ def _battery(conn: sqlite3.Connection) -> dict[str, Any]:
 def _run(path: Path, part: Callable[[sqlite3.Connection], dict[str, Any]]) -> dict[str, Any]:
     conn = open_reader(path)
     try:
-        return part(conn)
+        # One snapshot per part: its queries add up to the same rows even
+        # while the server (or another report's refresh) writes.
+        conn.execute("BEGIN")
+        found = part(conn)
+        conn.execute("COMMIT")
+        return found
     finally:
         conn.close()
 
 
-def build_report(path: Path, *, top: int = TOP_COUNTRIES, min_sample: int = MIN_SAMPLE) -> Report:
-    """Read every number from the views of an enriched database.
+# Longest first: two threads take them in turn.
+PARTS = (_countries, _completions, _ipv6_breakdown, _visits, _kinds, _battery)
+PARTS_FROM_VIEWS = (_completions_from_views, _addresses_from_views, _visits_from_views)
 
-    The three groups of queries share nothing, and SQLite runs each without
+
+def build_report(
+    path: Path,
+    *,
+    top: int = TOP_COUNTRIES,
+    min_sample: int = MIN_SAMPLE,
+    from_views: bool = False,
+) -> Report:
+    """Read every number of an enriched database.
+
+    The rollups are brought up to date first (nothing to do when the
+    enrichment step just did it), then read. ``from_views`` reads the
+    ``report_*`` views instead, over the raw tables, as the first versions
+    did: the same numbers, slowly; the tests compare the two.
+
+    The groups of queries share nothing, and SQLite runs each without
     holding Python's GIL: on two threads, with a connection each, they take
-    the time of the longest group rather than of all three.
+    about the time of the longest group rather than of all of them.
     """
+    if from_views:
+        parts: tuple[Callable[[sqlite3.Connection], dict[str, Any]], ...] = (
+            *PARTS_FROM_VIEWS,
+            _kinds,
+            _battery,
+        )
+    else:
+        conn = open_sync(path)
+        try:
+            refresh(conn)
+        finally:
+            conn.close()
+        parts = PARTS
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="report") as pool:
-        parts = [
-            pool.submit(_run, path, part)
-            for part in (_completions, _addresses, _visits, _kinds, _battery)
-        ]
+        futures = [pool.submit(_run, path, part) for part in parts]
         found: dict[str, Any] = {}
-        for future in parts:
+        for future in futures:
             found.update(future.result())
     return Report(**found, top=top, min_sample=min_sample)
 
