@@ -282,15 +282,13 @@ def _to_look_up(
 ) -> list[Address]:
     """Addresses with no stored answer, or none from a database configured now."""
     since = _watermark(conn, "sessions")
-    wanted: set[str] = {
-        address
-        for (address,) in conn.execute(
-            "SELECT s.ipv4 FROM sessions s INDEXED BY sessions_ipv4 WHERE s.id > ?"
-            " AND NOT EXISTS (SELECT 1 FROM geoip g WHERE g.address = s.ipv4)"
-            " GROUP BY s.ipv4",
-            (since,),
-        )
-    }
+    unknown = "NOT EXISTS (SELECT 1 FROM geoip g WHERE g.address = s.ipv4)"
+    if since == 0:  # the first time: the index hands over each address once
+        query = f"SELECT s.ipv4 FROM sessions s INDEXED BY sessions_ipv4 WHERE {unknown}"
+        query += " GROUP BY s.ipv4"
+    else:  # later: only the sessions logged since, not a walk over the whole index
+        query = f"SELECT DISTINCT s.ipv4 FROM sessions s WHERE s.id > ? AND {unknown}"
+    wanted: set[str] = {address for (address,) in conn.execute(query, (since,) if since else ())}
     wanted.update(
         address
         for (address,) in conn.execute(
