@@ -304,13 +304,9 @@ def _ipv6_tables(rows: Iterable[tuple[Any, ...]]) -> dict[str, Any]:
 
 
 def _geoip_builds(conn: sqlite3.Connection) -> list[str]:
-    return sorted(
-        build
-        for (build,) in conn.execute(
-            "SELECT DISTINCT country_db FROM geoip UNION SELECT DISTINCT asn_db FROM geoip"
-        )
-        if build
-    )
+    # One pass over the answers (half a million at a million sessions), not two.
+    builds = conn.execute("SELECT DISTINCT country_db, asn_db FROM geoip")
+    return sorted({build for pair in builds for build in pair if build})
 
 
 def _addresses_from_views(conn: sqlite3.Connection) -> dict[str, Any]:
