@@ -21,6 +21,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +33,7 @@ import maxminddb
 from tqdm import tqdm
 
 from ..config import Config, ConfigError
-from ..store import migrations
+from ..store import migrations, open_sync
 from . import rollup
 from .addresses import classify
 from .battery import enrich_battery
@@ -402,12 +403,36 @@ def enrich(
     ensure_schema(conn)
     if refresh:
         forget(conn)
-    classified = classify_new_ipv6(conn)
-    # The battery's IPv6 addresses (a literal-only worker fetched no blue
-    # ball) are classified before geolocating, so they are looked up too.
-    classified += enrich_battery(conn)[0]
-    looked_up = geolocate(conn, geo, stream=stream)
     # The report reads the rollups; what is new since the last report is
-    # added to them here.
-    rollup.refresh(conn)
+    # added to them here. They need no class and no GeoIP answer, so they
+    # are brought up to date on a connection of their own while this one
+    # classifies and geolocates: SQLite works without holding the GIL, and
+    # building them from nothing takes seconds at a million sessions.
+    path = _file_of(conn)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollups") as pool:
+        rolled = pool.submit(_refresh_rollups, path) if path else None
+        classified = classify_new_ipv6(conn)
+        # The battery's IPv6 addresses (a literal-only worker fetched no blue
+        # ball) are classified before geolocating, so they are looked up too.
+        classified += enrich_battery(conn)[0]
+        looked_up = geolocate(conn, geo, stream=stream)
+        if rolled is not None:
+            rolled.result()
+        else:  # an in-memory database has no second connection
+            rollup.refresh(conn)
     return classified, looked_up
+
+
+def _file_of(conn: sqlite3.Connection) -> Path | None:
+    for _, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return Path(file)
+    return None
+
+
+def _refresh_rollups(path: Path) -> None:
+    conn = open_sync(path)
+    try:
+        rollup.refresh(conn)
+    finally:
+        conn.close()
