@@ -126,7 +126,7 @@ FROM (
 ) c
 LEFT JOIN rollup_batches b ON b.batch = c.batch
 LEFT JOIN assignments g ON g.assignment_id = c.assignment_id
-WHERE true
+WHERE true  -- an upsert's SELECT needs a WHERE, or SQLite reads ON as the join's
 ON CONFLICT (key) DO UPDATE SET
     answer_id = excluded.answer_id,
     hit_id = excluded.hit_id,
