@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -176,6 +177,35 @@ def require_tool(name: str) -> str:
     if os.environ.get("PROBE_SERVER_CI"):
         pytest.fail(f"{name} is required in CI; add its Debian package to .ci/run")
     pytest.skip(f"{name} is not installed")
+
+
+def require_open_files(count: int) -> int:
+    """Raise this process's open-file limit to at least ``count``; the new soft limit.
+
+    The soft limit goes up to the hard one; as root the hard limit is raised
+    too (up to the kernel's fs.nr_open). Still short on a developer's
+    machine: the test is skipped with the reason. Still short in CI
+    (``PROBE_SERVER_CI=1``): the test fails, as :func:`require_tool` does.
+    """
+    import resource
+
+    import pytest
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < count and os.geteuid() == 0:
+        # Over fs.nr_open it fails: then as without root, below.
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft == resource.RLIM_INFINITY or soft >= count:
+        return soft
+    reason = f"the test needs {count} open files; the hard limit is {hard}"
+    if os.environ.get("PROBE_SERVER_CI"):
+        pytest.fail(f"{reason} (raise it for CI: ulimit -Hn, or run as root)")
+    pytest.skip(reason)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
