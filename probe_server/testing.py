@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -338,10 +339,14 @@ HEALTH_PATH: str | None = "/healthz"
 
 
 async def health_check(
-    endpoints: dict[str, str], deadline: float = 5.0, page: bool = True
+    endpoints: dict[str, str],
+    deadline: float = 5.0,
+    page: bool = True,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[bool, str]:
     """(answered in time, what was seen). ``page=False``: the admin listener
-    and DNS only, not the public web site (which may be shedding load)."""
+    and DNS only, not the public web site (which may be shedding load).
+    ``tls``: the site is HTTPS; the page is fetched with this client context."""
     import aiohttp
     import dns.asyncquery
     import dns.exception
@@ -364,7 +369,8 @@ async def health_check(
             if not page:
                 return True, ", ".join(seen)
             # batch=health: the sessions health checks make are easy to leave out.
-            async with http.get(f"http://{endpoints['http_ipv4']}/?batch=health") as response:
+            url = f"{'https' if tls else 'http'}://{endpoints['http_ipv4']}/?batch=health"
+            async with http.get(url, ssl=tls if tls is not None else True) as response:
                 await response.read()
                 seen.append(f"page {response.status}")
                 return response.status in (200, 503), ", ".join(seen)
