@@ -3,6 +3,7 @@ a row for every item the stress suite expects, none failed or skipped."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ def table_rows(markdown: str) -> list[list[str]]:
     rows = []
     for line in markdown.splitlines():
         if line.startswith("|") and not set(line) <= set("|-: "):
-            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+            rows.append([cell.strip() for cell in cells])
     return [r for r in rows if r != HEADERS]
 
 

@@ -233,7 +233,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         text = (
             f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())},"
             f" {'full' if FULL else 'CI'} size, {machine}; {load}{busy}.\n\n"
-            + tabulate(rows, headers=HEADERS, tablefmt="github")
+            + tabulate(
+                [[cell.replace("|", "\\|") for cell in row] for row in rows],
+                headers=HEADERS,
+                tablefmt="github",
+            )
             + "\n"
         )
         Path(target).write_text(text)
