@@ -44,7 +44,16 @@ SITES = (("ipv4", 4), ("ipv6", 6))
 # days left means renewal is broken (a sixth of the lifetime for short-lived
 # ones, such as Let's Encrypt's 6-day IP-address certificates).
 MIN_DAYS_LEFT = 14
-MAXMIND_MARKER = b"\xab\xcd\xefMaxMind.com"
+# What each [geoip] key must hold: database_type contains one of these
+# (GeoLite2-Country, GeoIP2-City, GeoLite2-ASN, ...), as probe-server report
+# requires (analysis/geo.py).
+GEOIP_TYPES = {
+    "country_db": (("Country", "City"), "a Country or City"),
+    "asn_db": (("ASN",), "an ASN"),
+}
+# Addresses every real database covers (public resolvers): looking them up
+# walks the search tree and decodes records, which a corrupt file fails.
+GEOIP_LOOKUPS = ("1.1.1.1", "8.8.8.8", "2606:4700:4700::1111")
 # A label no zone holds: answers for it show what a per-session name gets.
 SESSION_LABEL = b"probe-server-check"
 
@@ -434,7 +443,9 @@ class Checker:
         if not paths:
             self.result(SKIP, "geoip", "no GeoIP database configured")
         for key, path in paths:
-            status, detail = check_geoip_file(path, self.options.now or datetime.now(UTC))
+            status, detail = check_geoip_file(
+                path, key.removeprefix("geoip."), self.options.now or datetime.now(UTC)
+            )
             self.result(status, key, detail)
 
     # -- sockets ---------------------------------------------------------------
@@ -684,17 +695,38 @@ def _glue(zone: Zone, target: Name) -> list[str]:
     ]
 
 
-def check_geoip_file(path: Path, now: datetime) -> tuple[str, str]:
-    """A MaxMind database file: readable, the format's metadata marker, its age."""
+def check_geoip_file(path: Path, key: str, now: datetime) -> tuple[str, str]:
+    """A MaxMind database for ``key`` (country_db, asn_db): it opens, its type
+    fits the key, a few lookups work; its build date (metadata build_epoch)."""
+    import maxminddb  # check only: the server never reads GeoIP databases
+
     try:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(0, size - 128 * 1024))
-            tail = f.read()
-            modified = datetime.fromtimestamp(os.fstat(f.fileno()).st_mtime, UTC)
+        size = path.stat().st_size
+        reader = maxminddb.open_database(str(path))
+    except FileNotFoundError:
+        return FAIL, f"{path}: no such file"
+    except (maxminddb.InvalidDatabaseError, ValueError):
+        return FAIL, f"{path}: not a MaxMind database (it does not open as one)"
     except OSError as e:
         return FAIL, f"{path}: {e.strerror}"
-    if MAXMIND_MARKER not in tail:
-        return FAIL, f"{path}: not a MaxMind database (no metadata marker)"
-    age = max(0.0, (now - modified).total_seconds() / 86400)
-    return PASS, f"{path}: MaxMind database, {size // 1024} KiB, updated {age:.0f} days ago"
+    with reader:
+        metadata = reader.metadata()
+        database_type = metadata.database_type
+        words, wanted = GEOIP_TYPES.get(key, ((), ""))
+        if words and not any(word in database_type for word in words):
+            return FAIL, f"{path}: is {database_type}, not {wanted} database"
+        lookups = [a for a in GEOIP_LOOKUPS if metadata.ip_version == 6 or ":" not in a]
+        try:
+            for address in lookups:
+                record = reader.get(address)
+                if record is not None and not isinstance(record, dict):
+                    raise maxminddb.InvalidDatabaseError(f"a record of {address} is not a map")
+        except Exception as e:  # any error of the reader here: the data is damaged
+            reason = str(e).removeprefix(f"Error looking up {address}. ")
+            return FAIL, f"{path}: {database_type} is damaged (a lookup of {address}: {reason})"
+    built = datetime.fromtimestamp(metadata.build_epoch, UTC)
+    age = max(0, (now - built).days)
+    return PASS, (
+        f"{path}: {database_type}, built {built:%Y-%m-%d} ({age} days ago),"
+        f" {size // 1024} KiB, lookups ok"
+    )
