@@ -240,6 +240,7 @@ class Checker:
         self.check_secret()
         self.check_zones()
         self.check_names()
+        self.check_battery_names()
         self.check_name_servers()
         self.check_tls()
         self.check_acme()
@@ -331,6 +332,74 @@ class Checker:
                     what,
                     f"{host}: {want_text} {', '.join(found)} only (the {site_name} site)",
                 )
+
+    def check_battery_names(self) -> None:
+        """The battery's dual-stack names (ds_url, v6ns_url) have A records at the
+        IPv4 site and AAAA at the IPv6 site; the v6ns name's zone has name
+        servers with IPv6 addresses only (its glue at the parent too)."""
+        battery = self.config.battery
+        wanted = [
+            (probe, url)
+            for probe, url in (("ds", battery.ds_url), ("v6ns", battery.v6ns_url))
+            if probe in battery.probes and url is not None
+        ]
+        if not wanted:
+            self.result(SKIP, "battery names", "no ds or v6ns probe in battery.probes")
+            return
+        for probe, url in wanted:
+            what = f"battery {probe}"
+            host = urlsplit(url).hostname or ""
+            if _is_ip(host):
+                self.result(SKIP, what, f"{host} is an address literal (no DNS)")
+                continue
+            if self.authority is None:
+                self.result(SKIP, what, f"{host}: no zones loaded")
+                continue
+            name = _labels(host)
+            zone = self.authority.find_zone(name)
+            if zone is None:
+                self.result(SKIP, what, f"{host} is not in our zones (DNS served elsewhere)")
+                continue
+            problems: list[str] = []
+            found: list[str] = []
+            # With the session label (battery.labels), every per-session name too.
+            for per_session in (False, True) if probe in battery.labels else (False,):
+                qname = (SESSION_LABEL, *name) if per_session else name
+                prefix = "per-session names: " if per_session else ""
+                for site_name, qtype, text in (("ipv4", TYPE_A, "A"), ("ipv6", TYPE_AAAA, "AAAA")):
+                    _, addresses = _addresses(self.authority, qname, qtype)
+                    if not addresses:
+                        problems.append(f"{prefix}no {text} record (a dual-stack name has both)")
+                    site: SiteConfig = getattr(self.config.sites, site_name)
+                    key = f"sites.{site_name}.listen"
+                    problems += [prefix + p for p in _address_problems(addresses, site.listen, key)]
+                    if not per_session:
+                        found += [f"{text} {a}" for a in addresses]
+            if probe == "v6ns":
+                problems += self._ipv6_only_name_servers(zone)
+            if problems:
+                self.result(FAIL, what, f"{host}: " + "; ".join(problems))
+            else:
+                only = "; its zone's name servers IPv6-only" if probe == "v6ns" else ""
+                self.result(PASS, what, f"{host}: {', '.join(found)} (both sites){only}")
+
+    def _ipv6_only_name_servers(self, zone: Zone) -> list[str]:
+        """Why the name servers of ``zone`` (the v6ns probe's) are reachable over IPv4."""
+        assert self.authority is not None
+        problems = []
+        # The delegation's glue, when the parent zone is ours too (else --public
+        # sees what the parent's servers say).
+        parent = self.authority.find_zone(zone.origin[1:]) if zone.origin else None
+        targets = record_targets(zone.nodes[zone.origin][TYPE_NS])
+        for target in targets:
+            for where in (z for z in (self.authority.find_zone(target), parent) if z is not None):
+                node = where.nodes.get(target, {})
+                for rr in node.get(TYPE_A, ()):
+                    problems.append(
+                        f"name server {_text(target)} has A {rr.rdata} in {_text(where.origin)}:"
+                        " the v6ns zone's name servers must have IPv6 addresses only"
+                    )
+        return sorted(set(problems))
 
     def check_name_servers(self) -> None:
         """Each zone's name servers are ours (the DNS listen addresses), with glue."""

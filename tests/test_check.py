@@ -125,6 +125,7 @@ def test_a_good_deployment_passes_every_check(deployment, capsys):
         "PASS socket dns.listen_ipv6 udp",
         "PASS socket dns.listen_ipv6 tcp",
         "PASS socket admin.listen",
+        "SKIP battery names",
         "SKIP geoip",
     } == by_what
     text = "\n".join(lines)
@@ -237,6 +238,97 @@ def test_each_breakage_fails_its_check(deployment, capsys, breakage):
     assert lines, out
     assert words in lines[0], out
     assert out.splitlines()[-1].endswith("checks FAILED")
+
+
+V6NS_ZONE = """\
+$ORIGIN v6ns.probe.test.
+$TTL 300
+@           3600 IN SOA   ns.v6ns.probe.test. hostmaster.probe.test. (
+                          2024060101 3600 900 1209600 60 )
+            3600 IN NS    ns.v6ns.probe.test.
+ns               IN AAAA  ::1
+ds               IN A     127.0.0.1
+ds               IN AAAA  ::1
+*.ds             IN A     127.0.0.1
+*.ds             IN AAAA  ::1
+"""
+
+
+def with_battery(deployment: Deployment) -> Deployment:
+    """The battery's ds and v6ns probes on: their names in the zones, as they should be."""
+    deployment.edit_zone(
+        "v6               IN AAAA  ::1",
+        "v6               IN AAAA  ::1\n"
+        "ds IN A 127.0.0.1\nds IN AAAA ::1\n*.ds IN A 127.0.0.1\n*.ds IN AAAA ::1\n"
+        "v6ns IN NS ns.v6ns.probe.test.\nns.v6ns IN AAAA ::1",
+    )
+    (deployment.directory / "v6ns.probe.test.zone").write_text(V6NS_ZONE)
+    deployment.data["dns"]["zones"] = ["probe.test.zone", "v6ns.probe.test.zone"]
+    deployment.data["battery"] = {
+        "probes": ["ds", "v6ns"],
+        "ds_url": "https://ds.probe.test",
+        "v6ns_url": "https://ds.v6ns.probe.test",
+        "labels": ["ds", "v6ns"],
+    }
+    return deployment
+
+
+def battery_lines(deployment: Deployment, capsys: Any) -> tuple[int, list[str]]:
+    status = main(["check", "--config", str(deployment.write())])
+    return status, [line for line in capsys.readouterr().out.splitlines() if " battery" in line]
+
+
+def test_the_batterys_dual_stack_names_pass_when_right(deployment, capsys):
+    status, lines = battery_lines(with_battery(deployment), capsys)
+    assert status == 0, lines
+    assert lines == [
+        "PASS battery ds: ds.probe.test: A 127.0.0.1, AAAA ::1 (both sites)",
+        "PASS battery v6ns: ds.v6ns.probe.test: A 127.0.0.1, AAAA ::1 (both sites);"
+        " its zone's name servers IPv6-only",
+    ]
+
+
+BATTERY_BREAKAGES = {
+    "ds without AAAA": (
+        lambda d: d.edit_zone("\nds IN AAAA ::1\n", "\n"),
+        "battery ds",
+        "ds.probe.test: no AAAA record (a dual-stack name has both)",
+    ),
+    "ds A elsewhere": (
+        lambda d: d.edit_zone("\nds IN A 127.0.0.1\n", "\nds IN A 192.0.2.10\n"),
+        "battery ds",
+        "ds.probe.test: 192.0.2.10 is not sites.ipv4.listen (127.0.0.1)",
+    ),
+    "ds per-session names missing": (
+        lambda d: d.edit_zone("*.ds IN A 127.0.0.1\n*.ds IN AAAA ::1\n", ""),
+        "battery ds",
+        "per-session names: no A record",
+    ),
+    "v6ns name server with an A glue": (
+        lambda d: d.edit_zone("ns.v6ns IN AAAA ::1", "ns.v6ns IN AAAA ::1\nns.v6ns IN A 127.0.0.1"),
+        "battery v6ns",
+        "name server ns.v6ns.probe.test. has A 127.0.0.1 in probe.test.: the v6ns zone's"
+        " name servers must have IPv6 addresses only",
+    ),
+    "v6ns name not delegated": (
+        lambda d: (
+            d.data["dns"].update(zones=["probe.test.zone"])
+            or d.edit_zone("v6ns IN NS ns.v6ns.probe.test.\nns.v6ns IN AAAA ::1", "")
+        ),
+        "battery v6ns",
+        "ds.v6ns.probe.test: no A record",
+    ),
+}
+
+
+@pytest.mark.parametrize("breakage", BATTERY_BREAKAGES, ids=list(BATTERY_BREAKAGES))
+def test_each_battery_breakage_fails_its_check(deployment, capsys, breakage):
+    change, what, words = BATTERY_BREAKAGES[breakage]
+    change(with_battery(deployment))
+    status, lines = battery_lines(deployment, capsys)
+    assert status == 1
+    failed = [line for line in lines if line.startswith(f"FAIL {what}: ")]
+    assert failed and words in failed[0], lines
 
 
 def test_a_short_lived_certificate_is_judged_by_its_lifetime(deployment, capsys):
