@@ -44,7 +44,16 @@ SITES = (("ipv4", 4), ("ipv6", 6))
 # days left means renewal is broken (a sixth of the lifetime for short-lived
 # ones, such as Let's Encrypt's 6-day IP-address certificates).
 MIN_DAYS_LEFT = 14
-MAXMIND_MARKER = b"\xab\xcd\xefMaxMind.com"
+# What each [geoip] key must hold: database_type contains one of these
+# (GeoLite2-Country, GeoIP2-City, GeoLite2-ASN, ...), as probe-server report
+# requires (analysis/geo.py).
+GEOIP_TYPES = {
+    "country_db": (("Country", "City"), "a Country or City"),
+    "asn_db": (("ASN",), "an ASN"),
+}
+# Addresses every real database covers (public resolvers): looking them up
+# walks the search tree and decodes records, which a corrupt file fails.
+GEOIP_LOOKUPS = ("1.1.1.1", "8.8.8.8", "2606:4700:4700::1111")
 # A label no zone holds: answers for it show what a per-session name gets.
 SESSION_LABEL = b"probe-server-check"
 
@@ -231,6 +240,7 @@ class Checker:
         self.check_secret()
         self.check_zones()
         self.check_names()
+        self.check_battery_names()
         self.check_name_servers()
         self.check_tls()
         self.check_acme()
@@ -322,6 +332,74 @@ class Checker:
                     what,
                     f"{host}: {want_text} {', '.join(found)} only (the {site_name} site)",
                 )
+
+    def check_battery_names(self) -> None:
+        """The battery's dual-stack names (ds_url, v6ns_url) have A records at the
+        IPv4 site and AAAA at the IPv6 site; the v6ns name's zone has name
+        servers with IPv6 addresses only (its glue at the parent too)."""
+        battery = self.config.battery
+        wanted = [
+            (probe, url)
+            for probe, url in (("ds", battery.ds_url), ("v6ns", battery.v6ns_url))
+            if probe in battery.probes and url is not None
+        ]
+        if not wanted:
+            self.result(SKIP, "battery names", "no ds or v6ns probe in battery.probes")
+            return
+        for probe, url in wanted:
+            what = f"battery {probe}"
+            host = urlsplit(url).hostname or ""
+            if _is_ip(host):
+                self.result(SKIP, what, f"{host} is an address literal (no DNS)")
+                continue
+            if self.authority is None:
+                self.result(SKIP, what, f"{host}: no zones loaded")
+                continue
+            name = _labels(host)
+            zone = self.authority.find_zone(name)
+            if zone is None:
+                self.result(SKIP, what, f"{host} is not in our zones (DNS served elsewhere)")
+                continue
+            problems: list[str] = []
+            found: list[str] = []
+            # With the session label (battery.labels), every per-session name too.
+            for per_session in (False, True) if probe in battery.labels else (False,):
+                qname = (SESSION_LABEL, *name) if per_session else name
+                prefix = "per-session names: " if per_session else ""
+                for site_name, qtype, text in (("ipv4", TYPE_A, "A"), ("ipv6", TYPE_AAAA, "AAAA")):
+                    _, addresses = _addresses(self.authority, qname, qtype)
+                    if not addresses:
+                        problems.append(f"{prefix}no {text} record (a dual-stack name has both)")
+                    site: SiteConfig = getattr(self.config.sites, site_name)
+                    key = f"sites.{site_name}.listen"
+                    problems += [prefix + p for p in _address_problems(addresses, site.listen, key)]
+                    if not per_session:
+                        found += [f"{text} {a}" for a in addresses]
+            if probe == "v6ns":
+                problems += self._ipv6_only_name_servers(zone)
+            if problems:
+                self.result(FAIL, what, f"{host}: " + "; ".join(problems))
+            else:
+                only = "; its zone's name servers IPv6-only" if probe == "v6ns" else ""
+                self.result(PASS, what, f"{host}: {', '.join(found)} (both sites){only}")
+
+    def _ipv6_only_name_servers(self, zone: Zone) -> list[str]:
+        """Why the name servers of ``zone`` (the v6ns probe's) are reachable over IPv4."""
+        assert self.authority is not None
+        problems = []
+        # The delegation's glue, when the parent zone is ours too (else --public
+        # sees what the parent's servers say).
+        parent = self.authority.find_zone(zone.origin[1:]) if zone.origin else None
+        targets = record_targets(zone.nodes[zone.origin][TYPE_NS])
+        for target in targets:
+            for where in (z for z in (self.authority.find_zone(target), parent) if z is not None):
+                node = where.nodes.get(target, {})
+                for rr in node.get(TYPE_A, ()):
+                    problems.append(
+                        f"name server {_text(target)} has A {rr.rdata} in {_text(where.origin)}:"
+                        " the v6ns zone's name servers must have IPv6 addresses only"
+                    )
+        return sorted(set(problems))
 
     def check_name_servers(self) -> None:
         """Each zone's name servers are ours (the DNS listen addresses), with glue."""
@@ -434,7 +512,9 @@ class Checker:
         if not paths:
             self.result(SKIP, "geoip", "no GeoIP database configured")
         for key, path in paths:
-            status, detail = check_geoip_file(path, self.options.now or datetime.now(UTC))
+            status, detail = check_geoip_file(
+                path, key.removeprefix("geoip."), self.options.now or datetime.now(UTC)
+            )
             self.result(status, key, detail)
 
     # -- sockets ---------------------------------------------------------------
@@ -684,17 +764,38 @@ def _glue(zone: Zone, target: Name) -> list[str]:
     ]
 
 
-def check_geoip_file(path: Path, now: datetime) -> tuple[str, str]:
-    """A MaxMind database file: readable, the format's metadata marker, its age."""
+def check_geoip_file(path: Path, key: str, now: datetime) -> tuple[str, str]:
+    """A MaxMind database for ``key`` (country_db, asn_db): it opens, its type
+    fits the key, a few lookups work; its build date (metadata build_epoch)."""
+    import maxminddb  # check only: the server never reads GeoIP databases
+
     try:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(0, size - 128 * 1024))
-            tail = f.read()
-            modified = datetime.fromtimestamp(os.fstat(f.fileno()).st_mtime, UTC)
+        size = path.stat().st_size
+        reader = maxminddb.open_database(str(path))
+    except FileNotFoundError:
+        return FAIL, f"{path}: no such file"
+    except (maxminddb.InvalidDatabaseError, ValueError):
+        return FAIL, f"{path}: not a MaxMind database (it does not open as one)"
     except OSError as e:
         return FAIL, f"{path}: {e.strerror}"
-    if MAXMIND_MARKER not in tail:
-        return FAIL, f"{path}: not a MaxMind database (no metadata marker)"
-    age = max(0.0, (now - modified).total_seconds() / 86400)
-    return PASS, f"{path}: MaxMind database, {size // 1024} KiB, updated {age:.0f} days ago"
+    with reader:
+        metadata = reader.metadata()
+        database_type = metadata.database_type
+        words, wanted = GEOIP_TYPES.get(key, ((), ""))
+        if words and not any(word in database_type for word in words):
+            return FAIL, f"{path}: is {database_type}, not {wanted} database"
+        lookups = [a for a in GEOIP_LOOKUPS if metadata.ip_version == 6 or ":" not in a]
+        try:
+            for address in lookups:
+                record = reader.get(address)
+                if record is not None and not isinstance(record, dict):
+                    raise maxminddb.InvalidDatabaseError(f"a record of {address} is not a map")
+        except Exception as e:  # any error of the reader here: the data is damaged
+            reason = str(e).removeprefix(f"Error looking up {address}. ")
+            return FAIL, f"{path}: {database_type} is damaged (a lookup of {address}: {reason})"
+    built = datetime.fromtimestamp(metadata.build_epoch, UTC)
+    age = max(0, (now - built).days)
+    return PASS, (
+        f"{path}: {database_type}, built {built:%Y-%m-%d} ({age} days ago),"
+        f" {size // 1024} KiB, lookups ok"
+    )

@@ -161,6 +161,7 @@ class HttpConfig(_Model):
     # Seconds a connection may take to deliver a complete request head,
     # counted from its opening or from its previous response, however much
     # of it has arrived; an idle keep-alive connection is closed after as long.
+    # On an HTTPS site the TLS handshake has as long again, before that.
     header_timeout: float = Field(default=15.0, gt=0, le=3600)
     # Seconds to receive the body of the answer form.
     body_timeout: float = Field(default=15.0, gt=0, le=3600)

@@ -26,11 +26,22 @@ The deadline for a request head is aiohttp's own keep-alive timer, which
 closes a connection still waiting for a complete request head that long
 after it opened or after its previous response, however much of it has
 arrived.
+
+On an HTTPS site the socket accepts plain TCP: :class:`TlsIntake` admits the
+connection into the table the moment it is accepted, then runs TLS over it,
+with ``handshake_timeout`` (``http.header_timeout``) for the handshake, and
+hands the decrypted connection to its :class:`GuardedConnection`. A
+connection in its handshake is idle (evictable) until its ClientHello has
+arrived in full, then busy until the handshake is done. (With
+``create_server(ssl=...)`` a connection reached the table only after its
+handshake, for which asyncio allows 60 s: connections that never sent a
+ClientHello used up every file descriptor.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import fcntl
 import functools
 import ipaddress
@@ -42,8 +53,8 @@ import struct
 import termios
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -122,6 +133,9 @@ class LimitStats:
     refused: int = 0
     # Connections aborted because the client stopped reading a response.
     send_timeouts: int = 0
+    # TLS connections gone before their handshake was done: failed, timed
+    # out (handshake_timeout), evicted or closed by the client.
+    handshakes_failed: int = 0
     # Most connections open at once.
     peak: int = 0
 
@@ -269,18 +283,33 @@ class GuardedConnection(asyncio.Protocol):
         self.send_timeout = send_timeout
         self.inner: asyncio.Protocol | None = None
         self.transport: asyncio.Transport | None = None
+        # TLS: the socket's own transport (self.transport is the decrypted one).
+        self.raw: asyncio.Transport | None = None
+        # Admitted and, with TLS, through the handshake.
+        self.entered = False
         self._timer: asyncio.TimerHandle | None = None
         self._lingering = False
         self._tail = b""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Take a place in the table for the connection on ``transport``."""
+        # uvloop's transports don't subclass asyncio's: no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        client = client_key(peer[0]) if peer else "?"
-        if not self.table.admit(self, client):
+        return self.table.admit(self, client_key(peer[0]) if peer else "?")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.raw is not None:
+            # TLS: the handshake is done (TlsIntake admitted the connection).
+            # That was activity: the connection goes to the back of the idle
+            # order, and the request-head deadline starts now.
+            self.transport = cast(asyncio.Transport, transport)
+            self.table.idle(self)
+        elif not self.admit(transport):
             self._refuse()
             return
-        self.admitted(peer)
+        self.entered = True
+        self.admitted(transport.get_extra_info("peername"))
 
     def admitted(self, peer: Any) -> None:
         """The connection has its place in the table: from now on it is aiohttp's."""
@@ -315,7 +344,7 @@ class GuardedConnection(asyncio.Protocol):
         self.inner.data_received(data)
 
     def unread(self) -> bool:
-        return unread_bytes(self.transport) > 0
+        return unread_bytes(self.raw or self.transport) > 0
 
     def eof_received(self) -> bool | None:
         if self.inner is not None:
@@ -326,6 +355,7 @@ class GuardedConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.table.release(self)
+        self.raw = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -357,7 +387,9 @@ class GuardedConnection(asyncio.Protocol):
             self.transport.abort()
 
     def evict(self) -> None:
-        transport = self.transport
+        # TLS: the socket itself, at once. Closing the TLS layer would wait
+        # up to 30 s for the client's close_notify, out of the table.
+        transport = self.raw or self.transport
         if transport is None:
             return
         # close() would first wait to send what is buffered.
@@ -372,8 +404,196 @@ ConnectionFactory = Callable[
 ]
 
 
+# Beyond this, a first flight is not a ClientHello to wait for (real ones,
+# post-quantum key shares included, are 2 KiB or so; one record holds 16).
+MAX_CLIENT_HELLO = 16384
+
+
+class HelloWatch:
+    """Follows a TLS client's first bytes until its ClientHello is complete.
+
+    RFC 8446 §5.1: handshake records (content type 22, a 5-byte header with
+    a 2-byte length); the ClientHello (handshake type 1, a 3-byte length)
+    may span several. Bytes are looked at once each: a ClientHello trickled
+    a byte at a time costs no more to follow than one sent whole.
+    """
+
+    __slots__ = ("_head", "_header", "_left", "_record", "_seen")
+
+    def __init__(self) -> None:
+        self._header = b""  # a record header still arriving
+        self._record = 0  # bytes of the current record still to come
+        self._head = b""  # the handshake message's type and length, while arriving
+        self._left = -1  # bytes of the ClientHello still to come (-1: not known yet)
+        self._seen = 0
+
+    def feed(self, data: bytes | memoryview) -> bool | None:
+        """True once the ClientHello is complete; None if this is not one
+        (or too long to follow); False while it is arriving."""
+        self._seen += len(data)
+        if self._seen > MAX_CLIENT_HELLO + 5:
+            return None
+        data = bytes(data)
+        i = 0
+        while i < len(data):
+            if self._record == 0:
+                take = 5 - len(self._header)
+                self._header += data[i : i + take]
+                i += take
+                if len(self._header) < 5:
+                    return False
+                if self._header[0] != 22:
+                    return None
+                self._record = int.from_bytes(self._header[3:5], "big")
+                self._header = b""
+                continue
+            chunk = data[i : i + self._record]
+            i += len(chunk)
+            self._record -= len(chunk)
+            if self._left < 0:
+                need = 4 - len(self._head)
+                self._head += chunk[:need]
+                chunk = chunk[need:]
+                if len(self._head) < 4:
+                    continue
+                if self._head[0] != 1:
+                    return None
+                self._left = int.from_bytes(self._head[1:4], "big")
+            self._left -= len(chunk)
+            if self._left <= 0:
+                return True
+        return False
+
+
+@dataclass
+class Handshakes:
+    """The TLS side of an HTTPS site: its context, the handshake deadline,
+    and the connections still in their handshake (closed when the site stops)."""
+
+    context: ssl.SSLContext
+    timeout: float
+    pending: set[TlsIntake] = field(default_factory=set)
+
+    def close(self) -> None:
+        for intake in list(self.pending):
+            intake.abort()
+
+
+class _TlsLayer(asyncio.sslproto.SSLProtocol):
+    # asyncio reads up to 256 KiB at a time, into a buffer each connection
+    # allocates at once: with thousands of connections, half an attack's
+    # memory. One TLS record (2^14 bytes and its overhead) is enough for
+    # requests of a few KiB.
+    max_size = 17 * 1024
+
+
+class TlsIntake(asyncio.BufferedProtocol):
+    """The socket's protocol on an HTTPS site: admission at accept, then TLS.
+
+    The connection takes its place in the table (through its
+    :class:`GuardedConnection`) before a byte is read, and TLS runs over it
+    in asyncio's ``SSLProtocol``, which hands the decrypted connection to the
+    guard once the handshake is done. ``loop.start_tls`` would need reading
+    paused from accept until it runs, and uvloop starts reading after
+    ``connection_made`` whatever it asked: the ClientHello could reach the
+    wrong protocol. Here every byte goes to the TLS layer from the first,
+    and the intake sees when the ClientHello is complete.
+    """
+
+    def __init__(self, guard: GuardedConnection, handshakes: Handshakes) -> None:
+        self.guard = guard
+        self.handshakes = handshakes
+        self.layer: asyncio.sslproto.SSLProtocol | None = None
+        self.transport: asyncio.Transport | None = None
+        # Until the ClientHello is complete (or is not one).
+        self._hello: HelloWatch | None = HelloWatch()
+        self._buffer: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        guard = self.guard
+        if not guard.admit(transport):
+            # A plain-text 503 means nothing to a TLS client, and a handshake
+            # costs more than the refusal would save.
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self.transport = guard.raw = cast(asyncio.Transport, transport)
+        self.handshakes.pending.add(self)
+        # No waiter (SSLProtocol takes None): nothing awaits the handshake.
+        # typeshed wants an int timeout where asyncio takes any number.
+        self.layer = _TlsLayer(
+            asyncio.get_running_loop(),
+            guard,
+            self.handshakes.context,
+            None,  # type: ignore[arg-type]
+            server_side=True,
+            ssl_handshake_timeout=self.handshakes.timeout,  # type: ignore[arg-type]
+        )
+        self.layer.connection_made(transport)
+
+    def get_buffer(self, sizehint: int) -> Any:
+        assert self.layer is not None
+        self._buffer = self.layer.get_buffer(sizehint)
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self.layer is not None
+        if self._hello is not None:
+            complete = self._hello.feed(memoryview(self._buffer)[:nbytes])
+            if complete is not False:
+                self._hello = None
+                if complete and not self.guard.entered:
+                    self._hello_received()
+        self.layer.buffer_updated(nbytes)
+        if self.guard.entered:
+            self.handshakes.pending.discard(self)
+
+    def _hello_received(self) -> None:
+        # The client's next step comes a round trip later (on a mobile link,
+        # more than EVICT_AFTER): evicting it now would cut off exactly the
+        # clients we are here for. Stalling after a whole ClientHello costs
+        # an attacker a real one, and us a key exchange; handshake_timeout
+        # bounds it, as body_timeout bounds a body that never comes.
+        self.guard.table.busy(self.guard)
+
+    def eof_received(self) -> bool | None:
+        if self.layer is None:
+            return None
+        # True while it flushes (typeshed says it returns nothing).
+        keep_open: bool | None = self.layer.eof_received()  # type: ignore[func-returns-value]
+        return keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.handshakes.pending.discard(self)
+        guard = self.guard
+        if self.layer is not None:
+            if not guard.entered:
+                # Gone in the handshake: the TLS layer will not tell the guard.
+                guard.table.stats.handshakes_failed += 1
+                guard.table.release(guard)
+                guard.raw = guard.transport = None
+            self.layer.connection_lost(exc)
+            self.layer = None
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        if self.layer is not None:
+            self.layer.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.layer is not None:
+            self.layer.resume_writing()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
 class GuardedSite(web.BaseSite):
-    """A listening socket whose connections pass through a :class:`ConnectionTable`."""
+    """A listening socket whose connections pass through a :class:`ConnectionTable`.
+
+    With ``ssl_context``, the socket accepts plain TCP and each connection is
+    admitted before its TLS handshake, which has ``handshake_timeout``.
+    """
 
     def __init__(
         self,
@@ -383,6 +603,7 @@ class GuardedSite(web.BaseSite):
         *,
         send_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float = 60.0,
         backlog: int = 1024,
         connection: ConnectionFactory | None = None,
     ) -> None:
@@ -392,6 +613,9 @@ class GuardedSite(web.BaseSite):
         self.send_timeout = send_timeout
         # What each accepted connection becomes (the ball fast path's, say).
         self.connection: ConnectionFactory = connection or GuardedConnection
+        self.handshakes = (
+            Handshakes(ssl_context, handshake_timeout) if ssl_context is not None else None
+        )
         host, port = sock.getsockname()[:2]
         scheme = "https" if ssl_context else "http"
         self._name = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
@@ -406,12 +630,19 @@ class GuardedSite(web.BaseSite):
         assert server is not None
         loop = asyncio.get_running_loop()
 
-        def protocol() -> GuardedConnection:
-            return self.connection(self.table, server, self.send_timeout)
+        handshakes = self.handshakes
 
-        self._server = await loop.create_server(
-            protocol, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog
-        )
+        def protocol() -> asyncio.BaseProtocol:
+            guard = self.connection(self.table, server, self.send_timeout)
+            return guard if handshakes is None else TlsIntake(guard, handshakes)
+
+        # No ssl= here: TlsIntake puts the connection in the table first.
+        self._server = await loop.create_server(protocol, sock=self._sock, backlog=self._backlog)
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.handshakes is not None:
+            self.handshakes.close()
 
 
 Handler = Callable[[web.Request], Any]

@@ -135,6 +135,10 @@ class _ServerCollector(Collector):
                 "Connections aborted: the client stopped reading.",
                 lambda t: t.stats.send_timeouts,
             ),
+            "handshakes_failed": (
+                "TLS connections closed before their handshake finished.",
+                lambda t: t.stats.handshakes_failed,
+            ),
         }
         for name, (documentation, value) in families.items():
             family = CounterMetricFamily(

@@ -403,6 +403,8 @@ class ProbeServer:
                     send_timeout=limits.send_timeout,
                     ssl_context=contexts[name],
                     connection=fast.protocol if fast is not None else None,
+                    # A handshake is part of getting a request head in.
+                    handshake_timeout=limits.header_timeout,
                 )
                 await site.start()
             # The plain-HTTP sockets of TLS sites (ACME, redirects) are public too.
@@ -436,13 +438,14 @@ class ProbeServer:
                 stats = table.stats
                 log.info(
                     "event=http_connections listener=%s admitted=%d peak=%d evicted=%d refused=%d"
-                    " send_timeouts=%d",
+                    " send_timeouts=%d handshakes_failed=%d",
                     name,
                     stats.admitted,
                     stats.peak,
                     stats.evicted,
                     stats.refused,
                     stats.send_timeouts,
+                    stats.handshakes_failed,
                 )
         if self.listeners is not None:
             self.listeners.close()

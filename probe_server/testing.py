@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -178,6 +180,35 @@ def require_tool(name: str) -> str:
     pytest.skip(f"{name} is not installed")
 
 
+def require_open_files(count: int) -> int:
+    """Raise this process's open-file limit to at least ``count``; the new soft limit.
+
+    The soft limit goes up to the hard one; as root the hard limit is raised
+    too (up to the kernel's fs.nr_open). Still short on a developer's
+    machine: the test is skipped with the reason. Still short in CI
+    (``PROBE_SERVER_CI=1``): the test fails, as :func:`require_tool` does.
+    """
+    import resource
+
+    import pytest
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < count and os.geteuid() == 0:
+        # Over fs.nr_open it fails: then as without root, below.
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft == resource.RLIM_INFINITY or soft >= count:
+        return soft
+    reason = f"the test needs {count} open files; the hard limit is {hard}"
+    if os.environ.get("PROBE_SERVER_CI"):
+        pytest.fail(f"{reason} (raise it for CI: ulimit -Hn, or run as root)")
+    pytest.skip(reason)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free for both UDP and TCP on ``host`` right now (for peers without port 0)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -308,10 +339,14 @@ HEALTH_PATH: str | None = "/healthz"
 
 
 async def health_check(
-    endpoints: dict[str, str], deadline: float = 5.0, page: bool = True
+    endpoints: dict[str, str],
+    deadline: float = 5.0,
+    page: bool = True,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[bool, str]:
     """(answered in time, what was seen). ``page=False``: the admin listener
-    and DNS only, not the public web site (which may be shedding load)."""
+    and DNS only, not the public web site (which may be shedding load).
+    ``tls``: the site is HTTPS; the page is fetched with this client context."""
     import aiohttp
     import dns.asyncquery
     import dns.exception
@@ -334,7 +369,8 @@ async def health_check(
             if not page:
                 return True, ", ".join(seen)
             # batch=health: the sessions health checks make are easy to leave out.
-            async with http.get(f"http://{endpoints['http_ipv4']}/?batch=health") as response:
+            url = f"{'https' if tls else 'http'}://{endpoints['http_ipv4']}/?batch=health"
+            async with http.get(url, ssl=tls if tls is not None else True) as response:
                 await response.read()
                 seen.append(f"page {response.status}")
                 return response.status in (200, 503), ", ".join(seen)

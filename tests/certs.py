@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import ssl
 from datetime import UTC, datetime, timedelta
@@ -104,3 +105,16 @@ def fingerprint(der: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(der).hexdigest()
+
+
+def client_hello(server_hostname: str = "localhost") -> bytes:
+    """The bytes of a real TLS ClientHello, as a browser would open with."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    context = ssl.create_default_context()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    # It stops waiting for the ServerHello, the ClientHello written.
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    assert hello[:1] == b"\x16", hello[:8]  # a handshake record
+    return hello

@@ -15,7 +15,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from probe_server.server import ProbeServer
 from probe_server.testing import ServerProcess, free_port, write_config
 
 from .certs import TestCA
+from .helpers import asn_db, country_db
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECK_ZONES = Path(__file__).parent / "zones" / "check"
@@ -124,6 +125,7 @@ def test_a_good_deployment_passes_every_check(deployment, capsys):
         "PASS socket dns.listen_ipv6 udp",
         "PASS socket dns.listen_ipv6 tcp",
         "PASS socket admin.listen",
+        "SKIP battery names",
         "SKIP geoip",
     } == by_what
     text = "\n".join(lines)
@@ -238,6 +240,97 @@ def test_each_breakage_fails_its_check(deployment, capsys, breakage):
     assert out.splitlines()[-1].endswith("checks FAILED")
 
 
+V6NS_ZONE = """\
+$ORIGIN v6ns.probe.test.
+$TTL 300
+@           3600 IN SOA   ns.v6ns.probe.test. hostmaster.probe.test. (
+                          2024060101 3600 900 1209600 60 )
+            3600 IN NS    ns.v6ns.probe.test.
+ns               IN AAAA  ::1
+ds               IN A     127.0.0.1
+ds               IN AAAA  ::1
+*.ds             IN A     127.0.0.1
+*.ds             IN AAAA  ::1
+"""
+
+
+def with_battery(deployment: Deployment) -> Deployment:
+    """The battery's ds and v6ns probes on: their names in the zones, as they should be."""
+    deployment.edit_zone(
+        "v6               IN AAAA  ::1",
+        "v6               IN AAAA  ::1\n"
+        "ds IN A 127.0.0.1\nds IN AAAA ::1\n*.ds IN A 127.0.0.1\n*.ds IN AAAA ::1\n"
+        "v6ns IN NS ns.v6ns.probe.test.\nns.v6ns IN AAAA ::1",
+    )
+    (deployment.directory / "v6ns.probe.test.zone").write_text(V6NS_ZONE)
+    deployment.data["dns"]["zones"] = ["probe.test.zone", "v6ns.probe.test.zone"]
+    deployment.data["battery"] = {
+        "probes": ["ds", "v6ns"],
+        "ds_url": "https://ds.probe.test",
+        "v6ns_url": "https://ds.v6ns.probe.test",
+        "labels": ["ds", "v6ns"],
+    }
+    return deployment
+
+
+def battery_lines(deployment: Deployment, capsys: Any) -> tuple[int, list[str]]:
+    status = main(["check", "--config", str(deployment.write())])
+    return status, [line for line in capsys.readouterr().out.splitlines() if " battery" in line]
+
+
+def test_the_batterys_dual_stack_names_pass_when_right(deployment, capsys):
+    status, lines = battery_lines(with_battery(deployment), capsys)
+    assert status == 0, lines
+    assert lines == [
+        "PASS battery ds: ds.probe.test: A 127.0.0.1, AAAA ::1 (both sites)",
+        "PASS battery v6ns: ds.v6ns.probe.test: A 127.0.0.1, AAAA ::1 (both sites);"
+        " its zone's name servers IPv6-only",
+    ]
+
+
+BATTERY_BREAKAGES = {
+    "ds without AAAA": (
+        lambda d: d.edit_zone("\nds IN AAAA ::1\n", "\n"),
+        "battery ds",
+        "ds.probe.test: no AAAA record (a dual-stack name has both)",
+    ),
+    "ds A elsewhere": (
+        lambda d: d.edit_zone("\nds IN A 127.0.0.1\n", "\nds IN A 192.0.2.10\n"),
+        "battery ds",
+        "ds.probe.test: 192.0.2.10 is not sites.ipv4.listen (127.0.0.1)",
+    ),
+    "ds per-session names missing": (
+        lambda d: d.edit_zone("*.ds IN A 127.0.0.1\n*.ds IN AAAA ::1\n", ""),
+        "battery ds",
+        "per-session names: no A record",
+    ),
+    "v6ns name server with an A glue": (
+        lambda d: d.edit_zone("ns.v6ns IN AAAA ::1", "ns.v6ns IN AAAA ::1\nns.v6ns IN A 127.0.0.1"),
+        "battery v6ns",
+        "name server ns.v6ns.probe.test. has A 127.0.0.1 in probe.test.: the v6ns zone's"
+        " name servers must have IPv6 addresses only",
+    ),
+    "v6ns name not delegated": (
+        lambda d: (
+            d.data["dns"].update(zones=["probe.test.zone"])
+            or d.edit_zone("v6ns IN NS ns.v6ns.probe.test.\nns.v6ns IN AAAA ::1", "")
+        ),
+        "battery v6ns",
+        "ds.v6ns.probe.test: no A record",
+    ),
+}
+
+
+@pytest.mark.parametrize("breakage", BATTERY_BREAKAGES, ids=list(BATTERY_BREAKAGES))
+def test_each_battery_breakage_fails_its_check(deployment, capsys, breakage):
+    change, what, words = BATTERY_BREAKAGES[breakage]
+    change(with_battery(deployment))
+    status, lines = battery_lines(deployment, capsys)
+    assert status == 1
+    failed = [line for line in lines if line.startswith(f"FAIL {what}: ")]
+    assert failed and words in failed[0], lines
+
+
 def test_a_short_lived_certificate_is_judged_by_its_lifetime(deployment, capsys):
     # A 6-day certificate (Let's Encrypt's short-lived profile) with 2 days left.
     deployment.ca.issue("probe", NAMES, starts=-4, days=2)
@@ -266,19 +359,101 @@ def test_a_bad_config_is_one_fail_line(tmp_path, capsys):
     assert line.startswith("FAIL config: ") and "admin.listen: must be a loopback" in line
 
 
-def test_geoip_files(tmp_path):
+GEO_NETWORKS = {
+    "1.1.1.0/24": ("AU", "Australia"),
+    "8.8.8.0/24": ("US", "United States"),
+    "2606:4700::/32": ("US", "United States"),
+}
+ASN_NETWORKS = {"1.1.1.0/24": (13335, "Cloudflare"), "2606:4700::/32": (13335, "Cloudflare")}
+
+
+def damaged(path: Path) -> Path:
+    """``path`` with its search tree overwritten; the metadata (and its marker) intact."""
+    data = bytearray(path.read_bytes())
+    data[:64] = b"\xff" * 64
+    path.write_bytes(data)
+    return path
+
+
+def test_geoip_files_open_fit_their_key_and_answer(tmp_path):
     now = datetime.now(UTC)
-    good = tmp_path / "GeoLite2-Country.mmdb"
-    good.write_bytes(b"\x00" * 4096 + b"\xab\xcd\xefMaxMind.com" + b"\x00" * 64)
-    status, detail = check_geoip_file(good, now)
-    assert status == "PASS" and "updated 0 days ago" in detail
-    bad = tmp_path / "not.mmdb"
-    bad.write_bytes(b"<html>login required</html>")
-    assert check_geoip_file(bad, now) == (
+    for key, path in (
+        ("country_db", country_db(tmp_path / "country.mmdb", GEO_NETWORKS)),
+        ("country_db", country_db(tmp_path / "city.mmdb", GEO_NETWORKS, "GeoLite2-City")),
+        ("asn_db", asn_db(tmp_path / "asn.mmdb", ASN_NETWORKS)),
+    ):
+        status, detail = check_geoip_file(path, key, now)
+        assert status == "PASS" and "(0 days ago)" in detail and "lookups ok" in detail, detail
+    # Its age is the build's (metadata), not the file's.
+    later = now + timedelta(days=40)
+    assert "(40 days ago)" in check_geoip_file(tmp_path / "asn.mmdb", "asn_db", later)[1]
+
+
+def test_geoip_files_of_the_wrong_kind_damaged_or_not_mmdb_fail(tmp_path):
+    now = datetime.now(UTC)
+    asn = asn_db(tmp_path / "asn.mmdb", ASN_NETWORKS)
+    assert check_geoip_file(asn, "country_db", now) == (
         "FAIL",
-        f"{bad}: not a MaxMind database (no metadata marker)",
+        f"{asn}: is GeoLite2-ASN, not a Country or City database",
     )
-    assert check_geoip_file(tmp_path / "nope.mmdb", now)[0] == "FAIL"
+    country = country_db(tmp_path / "country.mmdb", GEO_NETWORKS)
+    assert check_geoip_file(country, "asn_db", now) == (
+        "FAIL",
+        f"{country}: is GeoLite2-Country, not an ASN database",
+    )
+    # The metadata marker is all the old check looked for: this passed it.
+    broken = damaged(country_db(tmp_path / "broken.mmdb", GEO_NETWORKS))
+    assert b"\xab\xcd\xefMaxMind.com" in broken.read_bytes()
+    status, detail = check_geoip_file(broken, "country_db", now)
+    assert status == "FAIL" and "GeoLite2-Country is damaged (a lookup of 1.1.1.1:" in detail
+    marker_only = tmp_path / "marker.mmdb"
+    marker_only.write_bytes(b"\x00" * 4096 + b"\xab\xcd\xefMaxMind.com" + b"\x00" * 64)
+    html = tmp_path / "login.mmdb"
+    html.write_bytes(b"<html>login required</html>")
+    for path in (marker_only, html):
+        assert check_geoip_file(path, "country_db", now) == (
+            "FAIL",
+            f"{path}: not a MaxMind database (it does not open as one)",
+        )
+    assert check_geoip_file(tmp_path / "nope.mmdb", "asn_db", now) == (
+        "FAIL",
+        f"{tmp_path / 'nope.mmdb'}: no such file",
+    )
+
+
+def check_geoip(
+    deployment: Deployment, capsys: Any, country: Path, asn: Path
+) -> tuple[int, list[str]]:
+    """``probe-server check`` with these databases: its exit status and geoip lines."""
+    deployment.data["geoip"] = {"country_db": str(country), "asn_db": str(asn)}
+    status = main(["check", "--config", str(deployment.write())])
+    return status, [line for line in capsys.readouterr().out.splitlines() if " geoip" in line]
+
+
+def test_check_passes_good_geoip_databases(deployment, capsys):
+    country = country_db(deployment.directory / "GeoLite2-City.mmdb", GEO_NETWORKS, "GeoLite2-City")
+    asn = asn_db(deployment.directory / "GeoLite2-ASN.mmdb", ASN_NETWORKS)
+    status, lines = check_geoip(deployment, capsys, country, asn)
+    assert status == 0, lines
+    assert [line.split(":")[0] for line in lines] == ["PASS geoip.country_db", "PASS geoip.asn_db"]
+    assert "GeoLite2-City, built" in lines[0] and "GeoLite2-ASN, built" in lines[1]
+
+
+def test_check_fails_a_geoip_database_of_the_wrong_kind_or_damaged(deployment, capsys):
+    directory = deployment.directory
+    asn = asn_db(directory / "GeoLite2-ASN.mmdb", ASN_NETWORKS)
+    country = country_db(directory / "GeoLite2-Country.mmdb", GEO_NETWORKS)
+    # The two swapped: each is the wrong kind for its key.
+    status, lines = check_geoip(deployment, capsys, asn, country)
+    assert status == 1
+    assert lines == [
+        f"FAIL geoip.country_db: {asn}: is GeoLite2-ASN, not a Country or City database",
+        f"FAIL geoip.asn_db: {country}: is GeoLite2-Country, not an ASN database",
+    ]
+    status, lines = check_geoip(deployment, capsys, damaged(country), asn)
+    assert status == 1
+    assert lines[0].startswith(f"FAIL geoip.country_db: {country}: GeoLite2-Country is damaged")
+    assert lines[1].startswith("PASS geoip.asn_db")
 
 
 def test_the_running_server_is_recognised():

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import resource
 import socket
+import ssl
 from typing import Any
 
+import aiohttp
 import pytest
 
 from probe_server import limits
@@ -17,10 +20,13 @@ from probe_server.limits import (
     REFUSAL,
     ConnectionTable,
     GuardedConnection,
+    HelloWatch,
     client_key,
     unread_bytes,
 )
 from probe_server.server import ProbeServer, StartupError, ensure_file_limit, file_limit_needed
+
+from .certs import TestCA, client_hello
 
 # -- the table -------------------------------------------------------------------
 
@@ -419,3 +425,189 @@ async def test_normal_keep_alive_client_is_not_disturbed(limited, http):
         async with http.get(f"{limited.base_urls['ipv4']}/") as response:
             assert response.status == 200
     assert limited.connections["ipv4"].stats.evicted == 0
+
+
+# -- HTTPS: connections before their TLS handshake --------------------------------------
+
+
+@pytest.fixture
+def ca(tmp_path) -> TestCA:
+    return TestCA(tmp_path)
+
+
+@pytest.fixture
+async def tls_limited(make_config, monkeypatch, ca, request):
+    """An HTTPS site of four connections, three per client; ``header_timeout``
+    (the handshake's deadline too) is the test's parameter."""
+    monkeypatch.setattr(limits, "EVICT_AFTER", 0.0)
+    cert, key = ca.issue("site", ["127.0.0.1", "::1"])
+    tls = {"tls_cert": str(cert), "tls_key": str(key)}
+    server = ProbeServer(
+        make_config(
+            http={
+                "header_timeout": request.param,
+                "max_connections": 4,
+                "max_connections_per_client": 3,
+            },
+            sites={"ipv4": {"listen": "127.0.0.1:0", **tls}, "ipv6": {"listen": "[::1]:0", **tls}},
+        )
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def https_request(server: ProbeServer, ca: TestCA, source: str) -> int:
+    """One HTTPS request on a new connection; its status."""
+    host, port = server.listeners.http["ipv4"].getsockname()[:2]
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=ca.client_context(), local_addr=(source, 0)), 10
+    )
+    try:
+        writer.write(b"GET /nothing-here HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        line = await asyncio.wait_for(reader.readline(), 10)
+        return int(line.split()[1])
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def until(condition, seconds: float = 10) -> None:
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("tls_limited", [0.5], indirect=True)
+async def test_tls_connection_is_counted_before_its_handshake_and_cut_off(tls_limited, ca):
+    # The hole: the table saw an HTTPS connection only once its handshake was
+    # done, and asyncio gave the handshake 60 s.
+    table = tls_limited.connections["ipv4"]
+    silent = await open_http(tls_limited)  # no ClientHello, ever
+    partial = await open_http(tls_limited, "127.0.0.2")
+    try:
+        partial[1].write(client_hello()[:100])  # a ClientHello that never ends
+        await until(lambda: len(table) == 2)
+        assert table.clients() == 2
+        # header_timeout bounds the handshake too.
+        for reader, _ in (silent, partial):
+            assert await closed_by_server(reader, 10)
+    finally:
+        for _, writer in (silent, partial):
+            writer.close()
+    await until(lambda: len(table) == 0)
+    assert table.stats.handshakes_failed == 2
+    assert await https_request(tls_limited, ca, "127.0.0.3") == 404
+
+
+@pytest.mark.parametrize("tls_limited", [30], indirect=True)
+async def test_connections_still_in_their_handshake_make_room_for_https_clients(tls_limited, ca):
+    table = tls_limited.connections["ipv4"]
+    hello = client_hello()
+    waiting = []
+    try:
+        for i in range(4):  # the site is full of handshakes that never finish
+            reader, writer = await open_http(tls_limited, f"127.0.0.{2 + i % 2}")
+            waiting.append((reader, writer))
+            if i % 2:
+                writer.write(hello[:200])
+        await until(lambda: len(table) == 4)
+        # A normal client is served: the one idle longest makes room (long
+        # before the 30 s handshake deadline).
+        assert await https_request(tls_limited, ca, "127.0.0.9") == 404
+        assert await closed_by_server(waiting[0][0], 5)
+        assert table.stats.evicted >= 1 and table.stats.peak == 4
+    finally:
+        for _, writer in waiting:
+            writer.close()
+    await until(lambda: len(table) == 0)
+
+
+def test_hello_watch_follows_the_records_whole_split_or_trickled():
+    def watch(*parts: bytes) -> list[bool | None]:
+        watcher = HelloWatch()
+        return [watcher.feed(part) for part in parts]
+
+    hello = client_hello()
+    assert watch(hello) == [True]
+    assert watch(hello[:4], hello[4:100], hello[100:]) == [False, False, True]
+    assert set(watch(*(hello[i : i + 1] for i in range(len(hello) - 1)))) == {False}
+    # The same ClientHello split over two handshake records.
+    body = hello[5:]
+    split = b"".join(
+        b"\x16\x03\x01" + len(part).to_bytes(2, "big") + part for part in (body[:50], body[50:])
+    )
+    assert watch(split[:60], split[60:]) == [False, True]
+    assert watch(b"GET / HTTP/1.1\r\n") == [None]
+    assert watch(b"\x16\x03\x01\x00\x04\x02\x00\x00\x00") == [None]  # a ServerHello
+    # Longer than a ClientHello can be: not followed.
+    endless = b"\x16\x03\x01\x40\x00\x01\xff\xff\xff"
+    assert watch(endless, b"\0" * 16380, b"\0" * 100) == [False, False, None]
+
+
+@pytest.mark.parametrize("tls_limited", [2], indirect=True)
+async def test_a_whole_client_hello_is_busy_until_its_handshake_deadline(tls_limited, ca):
+    # A real client's answer to the ServerHello comes a round trip later:
+    # it is not evicted meanwhile, and its handshake has header_timeout.
+    table = tls_limited.connections["ipv4"]
+    hello = client_hello()
+    stalled = []
+    try:
+        for i in range(4):
+            reader, writer = await open_http(tls_limited, f"127.0.0.{2 + i % 2}")
+            stalled.append((reader, writer))
+            writer.write(hello)  # and never a word more
+        await until(lambda: len(table) == 4 and not table._all.idle)
+        # Every place is busy: a newcomer is turned away, nobody evicted.
+        with pytest.raises((ConnectionError, ssl.SSLError, asyncio.IncompleteReadError)):
+            await https_request(tls_limited, ca, "127.0.0.9")
+        assert table.stats.refused == 1 and table.stats.evicted == 0
+        for reader, _ in stalled:  # the deadline
+            assert await closed_by_server(reader, 10)
+    finally:
+        for _, writer in stalled:
+            writer.close()
+    await until(lambda: len(table) == 0)
+    assert await https_request(tls_limited, ca, "127.0.0.9") == 404
+
+
+@pytest.mark.parametrize("tls_limited", [30], indirect=True)
+async def test_https_keep_alive_connection_is_served_and_then_released(tls_limited, ca):
+    context = ca.client_context()
+    connector = aiohttp.TCPConnector(ssl=context)
+    url = tls_limited.base_urls["ipv4"]
+    assert url.startswith("https://")
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(5):  # one connection, several requests
+            async with session.get(f"{url}/") as response:
+                assert response.status == 200
+        table = tls_limited.connections["ipv4"]
+        assert table.stats.admitted == 1 and len(table) == 1
+    await until(lambda: len(table) == 0)
+    assert table.stats.handshakes_failed == 0
+
+
+@pytest.mark.parametrize("tls_limited", [30], indirect=True)
+async def test_ball_fetches_over_https_take_the_fast_path(tls_limited, ca):
+    # The fast path's connection is admitted before the handshake like any other.
+    url = tls_limited.base_urls["ipv4"]
+    connector = aiohttp.TCPConnector(ssl=ca.client_context(), limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(f"{url}/") as response:
+            page = await response.text()
+        ball = re.search(r'<img src="(https://127\.0\.0\.1:\d+/red/[^"]+)"', page)
+        assert ball, page[:500]
+    # A new connection: the fast path sees its first request.
+    connector = aiohttp.TCPConnector(ssl=ca.client_context())
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(3):
+            async with session.get(ball.group(1).replace("&amp;", "&")) as response:
+                assert response.status == 200
+                assert (await response.read())[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tls_limited.fast["ipv4"].answered == 3
+    table = tls_limited.connections["ipv4"]
+    await until(lambda: len(table) == 0)
+    assert table.stats.admitted == 2 and table.stats.handshakes_failed == 0

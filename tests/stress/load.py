@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,19 +45,33 @@ class RawHttp:
         self.writer = writer
         self.reusable = True
         self.used = 0  # requests answered on this connection
+        # The headers of the last response (names in lower case).
+        self.headers: dict[str, str] = {}
 
     @classmethod
-    async def open(cls, endpoint: str, source: str | None = None, first: bytes = b"") -> RawHttp:
-        """A connection; ``first`` is sent the moment it is made, as a browser
-        sends its request, not a loop turn later (a busy generator would then
-        look like a slow client to the server)."""
+    async def open(
+        cls,
+        endpoint: str,
+        source: str | None = None,
+        first: bytes = b"",
+        tls: ssl.SSLContext | None = None,
+    ) -> RawHttp:
+        """A connection (``tls``: HTTPS with that client context); ``first``
+        is sent the moment it is made, as a browser sends its request, not a
+        loop turn later (a busy generator would then look like a slow client
+        to the server)."""
         host, _, port = endpoint.rpartition(":")
         host = host.strip("[]")
         local = (source, 0) if source else None
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=2**20, loop=loop)
         transport, protocol = await loop.create_connection(
-            lambda: _Eager(first, reader, loop), host, int(port), local_addr=local
+            lambda: _Eager(first, reader, loop),
+            host,
+            int(port),
+            local_addr=local,
+            ssl=tls,
+            server_hostname=host if tls else None,
         )
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         return cls(reader, writer)
@@ -82,6 +97,7 @@ class RawHttp:
             raise Closed("no status line")
         status = int(line.split()[1])
         length = None
+        self.headers = {}
         while True:
             header = await self.reader.readline()
             if not header:
@@ -90,6 +106,7 @@ class RawHttp:
                 break
             name, _, value = header.decode("latin-1").partition(":")
             name = name.strip().lower()
+            self.headers[name] = value.strip()
             if name == "content-length":
                 length = int(value)
             elif name == "connection" and "close" in value.lower():

@@ -84,13 +84,34 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
+# Clients fetching balls during the outage: each waits commit_timeout for its
+# 503, so this many rows a second join the queue.
+CLIENTS = scale(64, 128)
+# Low enough that the outage fills the queue: the bound is reached, not assumed.
+QUEUE_LIMIT = 200
+# Most the process may grow while commits fail, in MiB: the queue is bounded.
+OUTAGE_GROWTH = 50
+
+
+async def sample(server: ServerProcess, stop: asyncio.Event) -> tuple[list[float], list[float]]:
+    """The writer's queue depth (from /metrics) and the RSS, every 0.2 s until ``stop``."""
+    depths: list[float] = []
+    memory: list[float] = []
+    while not stop.is_set():
+        depths.append(metric((await admin_get(server, "/metrics"))[1], "db_queue_rows"))
+        memory.append(rss_mib(server.pid))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.2)
+    return depths, memory
+
+
 async def test_full_disk_keeps_serving_never_acknowledges_and_catches_up(
     tmpfs, processes, report: Report
 ):
     config = server_config(
         tmpfs,
         server={"commit_timeout": 1.0},
-        database={"queue_limit": 2000},
+        database={"queue_limit": QUEUE_LIMIT},
     )
     server = ServerProcess(config, tmpfs)
     processes.append(server)
@@ -103,28 +124,36 @@ async def test_full_disk_keeps_serving_never_acknowledges_and_catches_up(
 
     before = await closed_loop(endpoint, probe, connections=8, seconds=1.0)
     assert before.ok > 0 and not before.errors
+    idle_memory = rss_mib(server.pid)
 
     filler = fill(tmpfs)
-    # Probes until commits fail (SQLite may first reuse room in its WAL),
-    # then on for the outage: 503, never 200 for a row not stored.
-    outage_seconds = scale(6.0, 30.0)
-    during = LoadResult()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 120
-    failing_since = None
-    while failing_since is None or loop.time() < failing_since + outage_seconds:
-        assert loop.time() < deadline, "commits never failed on the full disk"
-        part = await closed_loop(
-            endpoint, probe, connections=scale(32, 64), seconds=2.0, first=100_000 + during.sent
-        )
-        during.merge(part)
-        if failing_since is None and part.statuses[503]:
-            failing_since = loop.time()
-    checks = [await health_check(server.endpoints) for _ in range(3)]
-    memory = rss_mib(server.pid)
-    # The admin listener says so, and counts it.
-    health_during = await admin_get(server, "/healthz")
-    errors_counted = metric((await admin_get(server, "/metrics"))[1], "db_commit_errors_total")
+    stop_sampling = asyncio.Event()
+    sampler = asyncio.create_task(sample(server, stop_sampling))
+    try:
+        # Probes until commits fail (SQLite may first reuse room in its WAL),
+        # then on for the outage: 503, never 200 for a row not stored.
+        outage_seconds = scale(6.0, 30.0)
+        during = LoadResult()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        failing_since = None
+        while failing_since is None or loop.time() < failing_since + outage_seconds:
+            assert loop.time() < deadline, "commits never failed on the full disk"
+            part = await closed_loop(
+                endpoint, probe, connections=CLIENTS, seconds=2.0, first=100_000 + during.sent
+            )
+            during.merge(part)
+            if failing_since is None and part.statuses[503]:
+                failing_since = loop.time()
+        checks = [await health_check(server.endpoints) for _ in range(3)]
+        # The admin listener says so, and counts it.
+        health_during = await admin_get(server, "/healthz")
+        metrics_during = (await admin_get(server, "/metrics"))[1]
+        errors_counted = metric(metrics_during, "db_commit_errors_total")
+        rejected = metric(metrics_during, "db_rejected_rows_total")
+    finally:
+        stop_sampling.set()
+        depths, memory = await sampler
 
     os.unlink(tmpfs / "filler")  # space returns
     recovered_after = 0.0
@@ -163,6 +192,14 @@ async def test_full_disk_keeps_serving_never_acknowledges_and_catches_up(
     assert errors > 0
     assert during.statuses[503] > 0
     assert all(ok for ok, _ in checks), checks
+    # Buffered within the bound: the queue filled up to it, never past it,
+    # and what came beyond was refused (503), not held in memory.
+    assert max(depths) <= QUEUE_LIMIT, max(depths)
+    assert rejected > 0
+    assert max(memory) - idle_memory < OUTAGE_GROWTH, (idle_memory, max(memory))
+    # Caught up: rows queued during the outage (answered 503 after
+    # commit_timeout) were stored once space returned.
+    assert stored_late > 0
 
     # And the process starts again on the same database.
     again = ServerProcess(config, tmpfs)
@@ -174,12 +211,14 @@ async def test_full_disk_keeps_serving_never_acknowledges_and_catches_up(
 
     report(
         "full disk",
-        "database on a 32 MiB tmpfs filled to the last byte while 32-64 clients fetch"
-        " blue balls; then the filler deleted; commit_timeout 1 s, queue_limit 2000",
+        f"database on a 32 MiB tmpfs filled to the last byte while {CLIENTS} clients fetch"
+        f" blue balls; then the filler deleted; commit_timeout 1 s, queue_limit {QUEUE_LIMIT}",
         f"{outage_seconds:.0f} s of failing commits, {filler >> 20} MiB filler,"
         f" {during.sent} probes while full",
         f"during: {during.describe()}; health checks answered {sum(ok for ok, _ in checks)}/3;"
-        f" RSS {memory:.0f} MiB; {errors} failed commits logged and counted (admin"
+        f" queue depth max {max(depths):.0f} (limit {QUEUE_LIMIT}), {rejected:.0f} rows"
+        f" refused at the bound; RSS {idle_memory:.0f} -> max {max(memory):.0f} MiB;"
+        f" {errors} failed commits logged and counted (admin"
         f" /healthz 503 'commits are failing', {errors_counted:.0f} in /metrics"
         " at the time); 200 again"
         f" {recovered_after:.1f} s after space returned; {stored_late} of the 503'd"

@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from probe_server.config import SpeedTestConfig
 from probe_server.dnswire import Responder
 from probe_server.testing import ServerProcess
 from probe_server.zone import Authority
@@ -133,6 +134,10 @@ async def test_dns_fuzz_on_the_live_process(tmp_path, processes, report: Report)
 
 # -- HTTP --------------------------------------------------------------------------------
 
+SPEED_TESTS = [test.id for test in SpeedTestConfig().tests]
+KINDS = ["balls", "speedtest", "tool"]
+# The survey's languages, and some it does not have.
+LANGUAGES = ["en", "hi", "ja", "tr", "EN", "en-US", "xx", "../en", "ja\x00"]
 NAMES = [
     "assignmentId",
     "hitId",
@@ -144,6 +149,10 @@ NAMES = [
     "blue",
     "ip",
     "n",
+    "survey",
+    "lang",
+    "report",
+    *(f"{field}-{test}" for field in ("download", "upload", "share") for test in SPEED_TESTS),
     "x",
     "",
     "a[]",
@@ -230,6 +239,19 @@ ugly = st.one_of(
             "-1",
             "٣",
             "a" * 300,
+            # The values the experiment kinds and their answers take.
+            *KINDS,
+            *LANGUAGES,
+            "0.5",
+            "1e3",
+            "10001",
+            "nan",
+            "inf",
+            "123456789",
+            "https://spoofer.caida.org/report.php?sessionid=42",
+            "https://www.speedtest.net/result/12345",
+            "http://www.speedtest.net/result/1",
+            "https://user@www.speedtest.net/result/1",
         ]
     ),
 )
@@ -268,8 +290,12 @@ class Live:
     thread: threading.Thread | None = None
     server: ServerProcess | None = None
     token = ""
+    # A session of each kind of page (the ball page's is ``token`` too).
+    tokens: dict[str, str] = {}  # noqa: RUF012
     requests = 0
     statuses: dict[int, int] = {}  # noqa: RUF012
+    # Answer forms by the kind of their session, and status.
+    answers: dict[tuple[str, int], int] = {}  # noqa: RUF012
 
     @classmethod
     def run(cls, coroutine: Any) -> Any:
@@ -288,8 +314,13 @@ def live_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProces
     server = Live.server = ServerProcess(config, workdir)
     try:
         Live.run(server.start())
-        _, page = blocking_request(server.endpoints["http_ipv4"], PAGE, whole=True)
-        Live.token = re.search(rb'name="token" value="([a-z2-7]{32})"', page).group(1).decode()
+        for kind in KINDS:
+            request = PAGE.replace(b"GET / ", f"GET /?survey={kind} ".encode())
+            _, page = blocking_request(server.endpoints["http_ipv4"], request, whole=True)
+            found = re.search(rb'name="token" value="([a-z2-7]{32})"', page)
+            assert found, (kind, page[:300])
+            Live.tokens[kind] = found.group(1).decode()
+        Live.token = Live.tokens["balls"]
         yield server
     finally:
         Live.run(server.close())
@@ -330,14 +361,15 @@ def blocking_request(
 @given(
     method=st.sampled_from(["GET", "POST", "HEAD", "PUT", "OPTIONS", "DELETE", "GETT"]),
     path=paths,
+    kind=st.sampled_from(KINDS),
     segment=text,
     query=params,
     form=params,
     extra=headers,
     body=st.one_of(st.binary(max_size=400), st.none()),
 )
-def test_http_fuzz_structured(live_http, method, path, segment, query, form, extra, body):
-    target = path.format(t=Live.token, s=quote(segment, safe=""))
+def test_http_fuzz_structured(live_http, method, path, kind, segment, query, form, extra, body):
+    target = path.format(t=Live.tokens[kind], s=quote(segment, safe=""))
     if query:
         target += "?" + encode_query(query)
     payload = body if body is not None else encode_query(form).encode()
@@ -351,7 +383,74 @@ def test_http_fuzz_structured(live_http, method, path, segment, query, form, ext
         Live.requests += 1
         Live.statuses[status] = Live.statuses.get(status, 0) + 1
         assert status < 500, (site, method, target, status)
+        # Every request here is well-formed HTTP/1.1 (a Content-Length that
+        # matches its body): it gets a real answer, never a silent close.
+        assert status >= 200, (site, method, target, status, extra)
     assert live_http.process is not None and live_http.process.returncode is None
+
+
+def answer_forms(kind: str) -> st.SearchStrategy[dict[str, str]]:
+    """An answer form of ``kind``'s page: a plausible answer, some of its
+    fields dropped, some fields (its own or others) given any value."""
+    speed = st.sampled_from(["95.5", "12", "0.8", "1000", "9999.99"])
+    plausible: dict[str, st.SearchStrategy[str]]
+    if kind == "balls":
+        plausible = {"red": st.sampled_from("1234"), "blue": st.sampled_from("1234")}
+    elif kind == "speedtest":
+        plausible = {f"{f}-{test}": speed for f in ("download", "upload") for test in SPEED_TESTS}
+        plausible["share-ookla"] = st.sampled_from(["", "https://www.speedtest.net/result/12345"])
+    else:
+        plausible = {
+            "report": st.sampled_from(
+                ["123456", " 42 ", "https://spoofer.caida.org/report.php?sessionid=42"]
+            )
+        }
+    fields = sorted(plausible)
+    noise = st.dictionaries(st.sampled_from([*fields, "lang", "token", "x"]), ugly, max_size=4)
+    dropped = st.sets(st.sampled_from(fields), max_size=len(fields))
+    return st.tuples(st.fixed_dictionaries(plausible), dropped, noise).map(
+        lambda t: {k: v for k, v in t[0].items() if k not in t[1]} | t[2]
+    )
+
+
+@settings(
+    max_examples=scale(300, 2000),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    phases=PHASES,
+)
+@given(
+    kind=st.sampled_from(KINDS),
+    answered_as=st.sampled_from(KINDS),
+    data=st.data(),
+    encoding=st.sampled_from(["urlencoded", "multipart"]),
+)
+def test_answer_forms_fuzz(live_http, kind, answered_as, data, encoding):
+    """The answer form of every kind of page, with a real token of a session of
+    that kind (or of another kind): stored (200) or refused (400), never a 5xx
+    or no answer."""
+    form = {"token": Live.tokens[kind], **data.draw(answer_forms(answered_as))}
+    if encoding == "urlencoded":
+        body = encode_query(list(form.items())).encode()
+        content_type = "application/x-www-form-urlencoded"
+    else:
+        boundary = "fuzzboundary"
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{quote(name)}"\r\n\r\n'
+            f"{value}\r\n"
+            for name, value in form.items()
+        ]
+        body = ("".join(parts) + f"--{boundary}--\r\n").encode("utf-8", "surrogatepass")
+        content_type = f"multipart/form-data; boundary={boundary}"
+    request = (
+        f"POST /submit HTTP/1.1\r\nHost: fuzz\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    status, _ = blocking_request(live_http.endpoints["http_ipv4"], request)
+    Live.requests += 1
+    Live.statuses[status] = Live.statuses.get(status, 0) + 1
+    Live.answers[kind, status] = Live.answers.get((kind, status), 0) + 1
+    assert status in (200, 400), (status, kind, answered_as, form)
 
 
 json_leaf = st.one_of(
@@ -437,6 +536,14 @@ HTTP_SEEDS = [
     b"Content-Length: 104\r\n\r\n"
     b'{"token":"{token}","final":true,"probes":{"ipv6":{"state":"loaded","at":12.5}}}',
     b"GET /mtu/{token}/large.png HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /?survey=speedtest&lang=ja HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /?assignmentId=A1&hitId=H1&workerId=W1&turkSubmitTo=https%3A%2F%2Fwww.mturk.com"
+    b"&survey=tool&lang=tr HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    b"Content-Length: 105\r\n\r\ntoken={speedtest}&download-ookla=95.5&upload-ookla=12"
+    b"&download-ndt=80&upload-ndt=9.5",
+    b"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    b"Content-Length: 60\r\n\r\ntoken={tool}&report=123456&lang=hi",
 ]
 
 
@@ -469,7 +576,12 @@ def mutate_http(rng: random.Random, data: bytes) -> bytes:
 def test_http_fuzz_raw_and_server_survives(live_http, report: Report):
     server = live_http
     token = Live.token.encode()
-    seeds = [seed.replace(b"{token}", token) for seed in HTTP_SEEDS]
+    seeds = [
+        seed.replace(b"{token}", token)
+        .replace(b"{speedtest}", Live.tokens["speedtest"].encode())
+        .replace(b"{tool}", Live.tokens["tool"].encode())
+        for seed in HTTP_SEEDS
+    ]
     rng = random.Random(31337)
     memory_before = rss_mib(server.pid)
     count = scale(1500, 20_000)
@@ -512,15 +624,20 @@ def test_http_fuzz_raw_and_server_survives(live_http, report: Report):
         logged = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
     assert memory_after - memory_before < 50
     structured = dict(sorted(Live.statuses.items()))
+    answers = ", ".join(f"{k} {code}: {n}" for (k, code), n in sorted(Live.answers.items()))
     report(
         "fuzzing: HTTP",
-        "hypothesis: method, path segment, query parameters (MTurk's, ours, random),"
-        " headers and body (form, raw bytes) on every route, both sites (the battery's"
-        " probes and beacon included; beacon bodies near-valid, any JSON, any bytes); then seeded"
-        " mutations of valid requests (bytes, CR/LF, duplicate or negative Content-Length,"
-        " chunked, multipart, 9 KB headers, pipelining, early EOF)",
+        "hypothesis: method, path segment, query parameters (MTurk's, ours with survey ="
+        " balls, speedtest or tool and lang, random), headers and body (form, raw bytes) on every"
+        " route, both sites, with a token of each kind of session (the battery's probes and"
+        " beacon included; beacon bodies near-valid, any JSON, any bytes); the answer form of"
+        " each kind (speeds, share links, report ids, lang; urlencoded and multipart) with a"
+        " real token of that kind or another; then seeded mutations of valid requests (bytes,"
+        " CR/LF, duplicate or negative Content-Length, chunked, multipart, 9 KB headers,"
+        " pipelining, early EOF)",
         f"{Live.requests} structured + {count} raw requests",
-        f"statuses structured {structured}, raw {dict(sorted(statuses.items()))}"
+        f"statuses structured {structured} (every well-formed request a real answer), answer"
+        f" forms by session kind {{{answers}}}, raw {dict(sorted(statuses.items()))}"
         f" (0 = closed without an answer); no 5xx, no traceback; {logged} rows logged;"
         f" RSS {memory_before:.0f} -> {memory_after:.0f} MiB; valid page and probe answered"
         " right afterwards",

@@ -7,7 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import sqlite3
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import dns.message
@@ -20,6 +26,7 @@ from probe_server.server import ProbeServer
 from probe_server.survey import MTURK_WORKER_SITES, worker_site
 from probe_server.tokens import new_token
 
+from ..certs import TestCA
 from ..dns_client import RawUdp, wire_query
 from ..test_handoff import ACCEPTED, OPEN_REDIRECTS, handoff_of
 from ..test_web import load_survey
@@ -69,13 +76,20 @@ async def test_forged_and_replayed_tokens_are_flagged(server, http, db, tmp_path
         (r["token"], r["kind"], r["ball"], r["reasons"])
         for r in db("SELECT token, kind, ball, reasons FROM replayed_probes")
     }
+    # Two rows were copied (ball 1 was fetched twice). With a ball 2 on the
+    # page, both repeat its fetch; without one, the first is only not served.
+    if len(page.blue) >= 2:
+        copied = {(page.token, "blue", 2, "repeat other-ipv6")}
+    else:
+        copied = {
+            (page.token, "blue", 2, "not-served other-ipv6"),
+            (page.token, "blue", 2, "not-served repeat other-ipv6"),
+        }
     assert flagged == {
         (page.token, "blue", 1, "repeat"),
         (page.token, "blue", 9, "not-served"),
         (page.token, "red", 1, "repeat other-ipv4"),
-        (page.token, "blue", 2, "repeat other-ipv6")
-        if len(page.blue) >= 2
-        else (page.token, "blue", 2, "not-served other-ipv6"),
+        *copied,
         (old.token, "blue", 1, "late"),
     }
     report(
@@ -261,87 +275,190 @@ ACME_TOKEN = "A" * 43
 ACME_PLANTED = "B" * 43  # a symlink to /etc/passwd planted in the webroot
 
 
-@pytest.fixture
-async def acme_server(make_config, tmp_path):
-    """A server with an ACME webroot holding one challenge and a planted symlink."""
+@dataclass
+class Public:
+    """One public web socket: where it listens, how to reach it, what it is."""
+
+    name: str
+    site: str
+    endpoint: str
+    tls: ssl.SSLContext | None
+    # The plain-HTTP socket of an HTTPS site: everything but ACME redirects.
+    redirects: bool
+
+
+@dataclass
+class Exposed:
+    server: ProbeServer
+    public: list[Public]
+
+
+@contextlib.asynccontextmanager
+async def exposed(make_config: Any, tmp_path: Path, scheme: str) -> AsyncIterator[Exposed]:
+    """A server with its admin listener on, an ACME webroot holding one
+    challenge and a planted symlink; the sites on plain HTTP (``http``), or on
+    HTTPS with their plain-HTTP (port 80: ACME, redirects) sockets."""
     challenges = tmp_path / "webroot" / ".well-known" / "acme-challenge"
-    challenges.mkdir(parents=True)
+    challenges.mkdir(parents=True, exist_ok=True)
     (challenges / ACME_TOKEN).write_text(f"{ACME_TOKEN}.thumbprint")
-    (challenges / ACME_PLANTED).symlink_to("/etc/passwd")
-    server = ProbeServer(make_config(sites={"acme_webroot": str(tmp_path / "webroot")}))
+    if not (challenges / ACME_PLANTED).is_symlink():
+        (challenges / ACME_PLANTED).symlink_to("/etc/passwd")
+    sites: dict[str, Any] = {"acme_webroot": str(tmp_path / "webroot")}
+    context = None
+    if scheme == "https":
+        ca = TestCA(tmp_path)
+        cert, key = ca.issue("site", ["127.0.0.1", "::1"])
+        context = ca.client_context()
+        for site, listen in (("ipv4", "127.0.0.1:0"), ("ipv6", "[::1]:0")):
+            sites[site] = {
+                "listen": listen,
+                "tls_cert": str(cert),
+                "tls_key": str(key),
+                "http_listen": listen,
+            }
+    server = ProbeServer(make_config(sites=sites, admin={"enabled": True, "listen": "127.0.0.1:0"}))
     await server.start()
     try:
-        yield server
+        assert server.listeners is not None
+        public = [
+            Public(site, site, endpoint_of(sock), context, redirects=False)
+            for site, sock in server.listeners.http.items()
+        ] + [
+            Public(f"plain_{site}", site, endpoint_of(sock), None, redirects=True)
+            for site, sock in server.listeners.plain.items()
+        ]
+        assert len(public) == (4 if scheme == "https" else 2)
+        yield Exposed(server, public)
     finally:
         await server.stop()
 
 
+def endpoint_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Connection:
+    """A keep-alive connection to one public socket, reopened when the server closes it."""
+
+    def __init__(self, public: Public) -> None:
+        self.public = public
+        self.raw: RawHttp | None = None
+
+    async def request(self, path: str, method: str = "GET") -> tuple[int, bytes, dict[str, str]]:
+        if self.raw is None or not self.raw.reusable:
+            self.close()
+            self.raw = await RawHttp.open(self.public.endpoint, tls=self.public.tls)
+        status, body = await self.raw.request(path, method=method)
+        return status, body, self.raw.headers
+
+    def close(self) -> None:
+        if self.raw is not None:
+            self.raw.close()
+            self.raw = None
+
+
 async def test_no_file_is_served_by_traversal_and_no_admin_path_is_public(
-    acme_server: ProbeServer, report: Report
+    make_config, tmp_path, report: Report
 ):
-    server = acme_server
-    assert server.app is not None
-    secret = server.app[secret_key]
-    for site in ("ipv4", "ipv6"):  # the one file that is served, on both sites
-        connection = await RawHttp.open(server.base_urls[site].removeprefix("http://"))
-        try:
-            status, body = await connection.request(f"/.well-known/acme-challenge/{ACME_TOKEN}")
-            assert (status, body) == (200, f"{ACME_TOKEN}.thumbprint".encode())
-            status, body = await connection.request(f"/.well-known/acme-challenge/{ACME_PLANTED}")
-            assert status == 404 and b"root:" not in body
-        finally:
-            connection.close()
     statuses: dict[int, int] = {}
-    for site in ("ipv4", "ipv6"):
-        connection = await RawHttp.open(server.base_urls[site].removeprefix("http://"))
-        try:
-            for route in ROUTES:
-                for payload in TRAVERSALS:
-                    if not connection.reusable:
-                        connection.close()
-                        connection = await RawHttp.open(
-                            server.base_urls[site].removeprefix("http://")
-                        )
-                    status, body = await connection.request(route.format(p=payload))
-                    statuses[status] = statuses.get(status, 0) + 1
-                    assert not leaks(body, secret), (site, route, payload)
-                    # Only the ball routes answer 200, with the ball itself.
-                    assert status in (200, 400, 404, 421), (site, route, payload, status)
-                    if status == 200:
-                        assert body[:8] == b"\x89PNG\r\n\x1a\n"
-            for path in ADMIN_PATHS:
-                for method in ("GET", "HEAD", "POST"):
-                    if not connection.reusable:
-                        connection.close()
-                        connection = await RawHttp.open(
-                            server.base_urls[site].removeprefix("http://")
-                        )
-                    status, body = await connection.request(path, method=method)
-                    assert status in (404, 405), (site, path, method, status)
-                    assert not leaks(body, secret)
-        finally:
-            connection.close()
-    traversal_requests = 2 * len(ROUTES) * len(TRAVERSALS)
+    admin_statuses: dict[int, int] = {}
+    sockets = 0
+    # Plain-HTTP sites; then HTTPS sites with their port-80 sockets.
+    for scheme in ("http", "https"):
+        async with exposed(make_config, tmp_path, scheme) as server:
+            await try_every_public_socket(server, statuses, admin_statuses)
+            sockets += len(server.public)
+    traversal_requests = sockets * len(ROUTES) * len(TRAVERSALS)
     report(
         "hostile: path traversal",
         f"{len(TRAVERSALS)} traversal forms (dot segments, %2e/%2f, double encoding,"
         f" overlong UTF-8, backslashes, NUL) in {len(ROUTES)} route shapes (the ACME"
         " webroot's among them, with a real webroot and a symlink to /etc/passwd planted"
-        " in it), both sites, raw request lines",
+        f" in it), raw request lines on every public socket ({sockets}: plain-HTTP sites;"
+        " HTTPS sites and their port-80 sockets)",
         f"{traversal_requests} requests",
         f"statuses {dict(sorted(statuses.items()))}; every 200 was a ball image; no file"
         " content, secret, database or template ever in a body; the only file served is"
-        " the ACME challenge by its exact token; the planted symlink is not followed",
+        " the ACME challenge by its exact token; the planted symlink is not followed;"
+        " port 80 of an HTTPS site redirects (308) to the same path on HTTPS",
         "nothing",
     )
     report(
         "hostile: admin paths on public sites",
-        f"{len(ADMIN_PATHS)} administrative paths (metrics, health, status, debug, .env,"
-        " the secret and database file names) with GET, HEAD and POST on both sites",
-        f"{2 * 3 * len(ADMIN_PATHS)} requests",
-        "all 404 (405 for a method a route lacks); nothing administrative on the public sockets",
+        "the admin listener enabled (its /metrics and /healthz answer 200 there); then"
+        f" {len(ADMIN_PATHS)} administrative paths (metrics, health, status, debug, .env,"
+        " the secret and database file names) with GET, HEAD and POST on every public"
+        f" socket ({sockets}: plain-HTTP sites; HTTPS sites and their port-80 sockets)",
+        f"{sockets * 3 * len(ADMIN_PATHS)} requests",
+        f"statuses {dict(sorted(admin_statuses.items()))}: 404 (405 for a method a route"
+        " lacks) on the sites, 308 to the public HTTPS site on port 80; no metric, no"
+        " health, nothing administrative on any public socket",
         "nothing",
     )
+
+
+async def try_every_public_socket(
+    acme_server: Exposed, statuses: dict[int, int], admin_statuses: dict[int, int]
+) -> None:
+    server = acme_server.server
+    assert server.app is not None and server.listeners is not None
+    secret = server.app[secret_key]
+    # The admin listener is on: what it serves, the public sockets must not.
+    admin = f"http://{endpoint_of(server.listeners.admin)}"
+    async with aiohttp.ClientSession() as http:
+        for path in ("/metrics", "/healthz"):
+            async with http.get(admin + path) as response:
+                assert response.status == 200, path
+    https = {site: server.base_urls[site] for site in ("ipv4", "ipv6")}
+
+    def redirected_to_the_public_site(public: Public, status: int, headers: dict[str, str]) -> bool:
+        return status == 308 and headers.get("location", "").startswith(https[public.site] + "/")
+
+    for public in acme_server.public:
+        connection = Connection(public)
+        try:
+            # The one file that is served, on every socket, by its exact token.
+            status, body, _ = await connection.request(f"/.well-known/acme-challenge/{ACME_TOKEN}")
+            assert (status, body) == (200, f"{ACME_TOKEN}.thumbprint".encode()), public.name
+            status, body, _ = await connection.request(
+                f"/.well-known/acme-challenge/{ACME_PLANTED}"
+            )
+            assert status == 404 and b"root:" not in body, public.name
+            for route in ROUTES:
+                for payload in TRAVERSALS:
+                    path = route.format(p=payload)
+                    status, body, headers = await connection.request(path)
+                    statuses[status] = statuses.get(status, 0) + 1
+                    assert not leaks(body, secret), (public.name, path)
+                    if public.redirects and status not in (400, 404):
+                        # Port 80 of an HTTPS site: off to the same path on HTTPS.
+                        assert redirected_to_the_public_site(public, status, headers), (
+                            public.name,
+                            path,
+                            status,
+                        )
+                        continue
+                    # Only the ball routes answer 200, with the ball itself.
+                    assert status in (200, 400, 404, 421), (public.name, path, status)
+                    if status == 200:
+                        assert body[:8] == b"\x89PNG\r\n\x1a\n"
+            for path in ADMIN_PATHS:
+                for method in ("GET", "HEAD", "POST"):
+                    status, body, headers = await connection.request(path, method=method)
+                    admin_statuses[status] = admin_statuses.get(status, 0) + 1
+                    assert not leaks(body, secret) and b"probe_server_" not in body
+                    if public.redirects:
+                        assert redirected_to_the_public_site(public, status, headers), (
+                            public.name,
+                            path,
+                            method,
+                            status,
+                        )
+                    else:
+                        assert status in (404, 405), (public.name, path, method, status)
+        finally:
+            connection.close()
 
 
 # -- DNS amplification ------------------------------------------------------------------
