@@ -10,8 +10,11 @@ process runs out of them accept() fails for everyone, DNS over TCP included.
 by client (an IPv4 address, or an IPv6 /64: one subscriber). When a new
 connection would pass a limit, the listener's or its client's, the
 connection of that group that has been idle longest is closed to make room,
-provided it has been idle for a second at least; otherwise (every one busy
-with a request, or just opened) the newcomer is refused.
+provided it has been idle for EVICT_AFTER (0.1 s) at least, or, for the
+listener's limit, it belongs to a client holding more than its fair share
+(the limit divided among the clients) and more than the newcomer's;
+otherwise (every one busy with a request, or just opened by a client within
+its share) the newcomer is refused.
 A slow client holds idle connections only, so it cannot keep anyone out: new
 arrivals push the oldest idle connections out, and a client over its own
 limit pushes out only its own. This is how RFC 7766 §6.2.3 suggests a DNS
@@ -202,12 +205,27 @@ class ConnectionTable:
     def _evict_oldest(self, group: _Group, client: str) -> bool:
         victim = None
         now = self.clock()
+        # For the listener's limit, a connection too young to evict may go
+        # all the same when its client holds more than its fair share and
+        # more than the newcomer's client: a few addresses reconnecting faster
+        # than EVICT_AFTER must not keep everyone else out.
+        fair = group is self._all
+        if fair:
+            mine = self._clients.get(client)
+            floor = max((mine.count if mine else 0) + 1, self.max_connections // len(self._clients))
+        hog = None
         for candidate, since in itertools.islice(group.idle.items(), EVICT_CANDIDATES):
             if now - since < EVICT_AFTER:
-                break  # the rest are younger still
+                if not fair or hog is not None:
+                    break  # the rest are younger still
+                owner = self._clients[self._client_of[candidate]]
+                if owner.count > floor and not candidate.unread():
+                    hog = candidate
+                continue
             if not candidate.unread():
                 victim = candidate
                 break
+        victim = victim or hog
         if victim is None:
             self.stats.refused += 1
             if self.stats.refused <= 10 or self.stats.refused % 1000 == 0:

@@ -611,3 +611,31 @@ async def test_ball_fetches_over_https_take_the_fast_path(tls_limited, ca):
     table = tls_limited.connections["ipv4"]
     await until(lambda: len(table) == 0)
     assert table.stats.admitted == 2 and table.stats.handshakes_failed == 0
+
+
+def test_a_client_over_its_fair_share_gives_way_even_when_its_connections_are_young():
+    # A few addresses reconnecting faster than EVICT_AFTER filled the table:
+    # a newcomer from elsewhere still gets in, at the cost of the biggest
+    # client; a client within its share is never pushed out that way.
+    clock = Clock()
+    table = ConnectionTable("t", max_connections=4, max_per_client=10, clock=clock)
+    hog = [Conn(f"h{i}") for i in range(3)]
+    small = Conn("s")
+    for conn in hog:
+        assert table.admit(conn, "hog")
+    assert table.admit(small, "small")
+    clock.now += EVICT_AFTER / 2  # everyone young
+    newcomer = Conn("n")
+    assert table.admit(newcomer, "new")
+    assert hog[0].evicted and not small.evicted
+    # The hog holds two of four places among three clients: over its share.
+    late = Conn("l")
+    assert table.admit(late, "late") and hog[1].evicted
+    # Four clients of one: nobody is over the share, the young stay.
+    again = Conn("a")
+    assert not table.admit(again, "again")
+    assert table.stats.refused == 1 and not (hog[2].evicted or small.evicted)
+    # Old enough, the one idle longest goes as ever, unless its request is unread.
+    hog[2].waiting = True
+    clock.now += 2 * EVICT_AFTER
+    assert table.admit(again, "again") and small.evicted and not hog[2].evicted
