@@ -212,7 +212,9 @@ class ConnectionTable:
         fair = group is self._all
         if fair:
             mine = self._clients.get(client)
-            floor = max((mine.count if mine else 0) + 1, self.max_connections // len(self._clients))
+            # The newcomer's client counts among those sharing the table.
+            sharing = len(self._clients) + (mine is None)
+            floor = max((mine.count if mine else 0) + 1, self.max_connections // sharing)
         hog = None
         for candidate, since in itertools.islice(group.idle.items(), EVICT_CANDIDATES):
             if now - since < EVICT_AFTER:

@@ -628,10 +628,11 @@ def test_a_client_over_its_fair_share_gives_way_even_when_its_connections_are_yo
     newcomer = Conn("n")
     assert table.admit(newcomer, "new")
     assert hog[0].evicted and not small.evicted
-    # The hog holds two of four places among three clients: over its share.
+    # The hog holds two of four places, to be shared with a fourth client.
     late = Conn("l")
     assert table.admit(late, "late") and hog[1].evicted
-    # Four clients of one: nobody is over the share, the young stay.
+    # Four clients of one each, a fifth coming: nobody holds more than the
+    # newcomer would, the young stay.
     again = Conn("a")
     assert not table.admit(again, "again")
     assert table.stats.refused == 1 and not (hog[2].evicted or small.evicted)
@@ -639,3 +640,16 @@ def test_a_client_over_its_fair_share_gives_way_even_when_its_connections_are_yo
     hog[2].waiting = True
     clock.now += 2 * EVICT_AFTER
     assert table.admit(again, "again") and small.evicted and not hog[2].evicted
+
+
+def test_fair_share_counts_the_newcomer_among_the_clients():
+    # Twenty clients at ten each fill a table of 200 exactly: their share is
+    # 200 / 21 once a twenty-first arrives, so each is over it.
+    clock = Clock()
+    table = ConnectionTable("t", max_connections=200, max_per_client=50, clock=clock)
+    crowd = [Conn(f"c{i}") for i in range(200)]
+    for i, conn in enumerate(crowd):
+        assert table.admit(conn, f"client{i % 20}")
+    clock.now += EVICT_AFTER / 2
+    assert table.admit(Conn("n"), "newcomer")
+    assert crowd[0].evicted
