@@ -91,6 +91,10 @@ class Peer:
             [*self.prefix, *self.command()],
             stdout=subprocess.DEVNULL,
             stderr=open(self.workdir / f"{self.name}.stderr", "wb"),  # noqa: SIM115
+            # A process group of its own: Apache's prefork parent stops its
+            # children by signalling its whole process group, which would
+            # otherwise be the benchmark's (and make's).
+            start_new_session=True,
         )
         wait_for_port(self.port, self.process)
 
