@@ -283,6 +283,21 @@ class Checker:
         )
         self.result(PASS, "zones", names)
 
+    def _our_zone(self, what: str, host: str) -> tuple[Name, Zone] | None:
+        """``host``'s labels and the zone of ours it is in; None (a SKIP said) if none."""
+        if _is_ip(host):
+            self.result(SKIP, what, f"{host} is an address literal (no DNS)")
+            return None
+        if self.authority is None:
+            self.result(SKIP, what, f"{host}: no zones loaded")
+            return None
+        name = _labels(host)
+        zone = self.authority.find_zone(name)
+        if zone is None:
+            self.result(SKIP, what, f"{host} is not in our zones (DNS served elsewhere)")
+            return None
+        return name, zone
+
     def check_names(self) -> None:
         """The survey name has only A records, the probe name only AAAA, at the sites."""
         for site_name, version in SITES:
@@ -292,16 +307,11 @@ class Checker:
             if host is None:
                 self.result(SKIP, what, f"sites.{site_name}.base_url is not set")
                 continue
-            if _is_ip(host):
-                self.result(SKIP, what, f"{host} is an address literal (no DNS)")
+            found_zone = self._our_zone(what, host)
+            if found_zone is None:
                 continue
-            if self.authority is None:
-                self.result(SKIP, what, f"{host}: no zones loaded")
-                continue
-            name = _labels(host)
-            if self.authority.find_zone(name) is None:
-                self.result(SKIP, what, f"{host} is not in our zones (DNS served elsewhere)")
-                continue
+            name, _ = found_zone
+            assert self.authority is not None
             want, other = (TYPE_A, TYPE_AAAA) if version == 4 else (TYPE_AAAA, TYPE_A)
             want_text, other_text = ("A", "AAAA") if version == 4 else ("AAAA", "A")
             problems: list[str] = []
@@ -349,17 +359,11 @@ class Checker:
         for probe, url in wanted:
             what = f"battery {probe}"
             host = urlsplit(url).hostname or ""
-            if _is_ip(host):
-                self.result(SKIP, what, f"{host} is an address literal (no DNS)")
+            found_zone = self._our_zone(what, host)
+            if found_zone is None:
                 continue
-            if self.authority is None:
-                self.result(SKIP, what, f"{host}: no zones loaded")
-                continue
-            name = _labels(host)
-            zone = self.authority.find_zone(name)
-            if zone is None:
-                self.result(SKIP, what, f"{host} is not in our zones (DNS served elsewhere)")
-                continue
+            name, zone = found_zone
+            assert self.authority is not None
             problems: list[str] = []
             found: list[str] = []
             # With the session label (battery.labels), every per-session name too.
