@@ -27,9 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
+from typing import Any
 
 from mmdb_writer import MmdbU32, MMDBWriter
 from netaddr import IPSet
@@ -312,51 +313,66 @@ def run_report(db: Path, config: Path, out: Path, fmt: str) -> dict[str, float]:
     }
 
 
+RUNS = (("cold", "json"), ("warm", "json"), ("warm, Markdown", "md"))
+
+
+def measure(workdir: Path, sessions: int, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build the database in ``workdir`` (unless it is there), then time the report.
+
+    Returns the runs (``RUNS``: wall and CPU seconds, peak memory), the build
+    time (None for a kept database), the row counts and the IPv4 addresses.
+    """
+    rng = random.Random(4)
+    db = workdir / "probe.db"
+    built = None
+    if not db.exists():
+        started = time.perf_counter()
+        *_, networks = build_geoip(workdir, 2000, rng)
+        build_database(db, sessions, networks, rng)
+        built = time.perf_counter() - started
+        say(f"built {sessions:,} sessions in {built:.1f} s")
+    config = write_config(
+        workdir / "report.toml",
+        {"geoip": {"country_db": "country.mmdb", "asn_db": "asn.mmdb"}},
+    )
+    open_sync(db).close()  # a database kept from an older version gets the latest schema
+    with sqlite3.connect(db) as conn:
+        counts = {
+            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("sessions", "requests", "answers", "assignments")
+        }
+        distinct = conn.execute("SELECT count(DISTINCT ipv4) FROM sessions").fetchone()[0]
+        # Start cold: no class, no GeoIP answer stored yet, nothing rolled up.
+        conn.execute("DELETE FROM geoip")
+        conn.execute("DELETE FROM ipv6_addresses")
+        conn.execute("DELETE FROM enriched")
+        conn.execute("DELETE FROM rollup_state")
+    size = sum(p.stat().st_size for p in workdir.glob("probe.db*")) / 2**20
+    say(
+        ", ".join(f"{n:,} {t}" for t, n in counts.items())
+        + f"; {distinct:,} IPv4 addresses; database {size:,.0f} MiB"
+    )
+    say(f"load average before the runs: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    runs = {}
+    for label, fmt in RUNS:
+        run = runs[label] = run_report(db, config, workdir / "out", fmt)
+        say(
+            f"report --format {fmt}, {label}: {run['seconds']:.2f} s"
+            f" (CPU {run['cpu']:.2f} s), peak RSS {run['peak_rss']:,.0f} MiB,"
+            f" peak anonymous {run['peak_anon']:,.0f} MiB"
+        )
+    return {"runs": runs, "built": built, "counts": counts, "ipv4": distinct}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sessions", type=int, default=1_000_000)
     parser.add_argument("--keep", metavar="DIR", help="build in DIR and keep it")
     args = parser.parse_args()
-    rng = random.Random(4)
     with tempfile.TemporaryDirectory(prefix="probe-report-") as tmp:
         workdir = Path(args.keep or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        db = workdir / "probe.db"
-        if not db.exists():
-            started = time.perf_counter()
-            *_, networks = build_geoip(workdir, 2000, rng)
-            build_database(db, args.sessions, networks, rng)
-            print(f"built {args.sessions:,} sessions in {time.perf_counter() - started:.1f} s")
-        config = write_config(
-            workdir / "report.toml",
-            {"geoip": {"country_db": "country.mmdb", "asn_db": "asn.mmdb"}},
-        )
-        open_sync(db).close()  # a database kept from an older version gets the latest schema
-        with sqlite3.connect(db) as conn:
-            counts = {
-                table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                for table in ("sessions", "requests", "answers", "assignments")
-            }
-            distinct = conn.execute("SELECT count(DISTINCT ipv4) FROM sessions").fetchone()[0]
-            # Start cold: no class, no GeoIP answer stored yet, nothing rolled up.
-            conn.execute("DELETE FROM geoip")
-            conn.execute("DELETE FROM ipv6_addresses")
-            conn.execute("DELETE FROM enriched")
-            conn.execute("DELETE FROM rollup_state")
-        size = sum(p.stat().st_size for p in workdir.glob("probe.db*")) / 2**20
-        print(
-            ", ".join(f"{n:,} {t}" for t, n in counts.items()),
-            f"; {distinct:,} IPv4 addresses; database {size:,.0f} MiB",
-        )
-        print(f"load average before the runs: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-        for label, fmt in (("cold (geolocates)", "json"), ("warm", "json"), ("warm", "md")):
-            run = run_report(db, config, workdir / "out", fmt)
-            print(
-                f"report --format {fmt}, {label}: {run['seconds']:.2f} s"
-                f" (CPU {run['cpu']:.2f} s), peak RSS {run['peak_rss']:,.0f} MiB,"
-                f" peak anonymous {run['peak_anon']:,.0f} MiB",
-                flush=True,
-            )
+        measure(workdir, args.sessions, lambda text: print(text, flush=True))
     return 0
 
 

@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import platform
-import random
 import re
 import shutil
 import signal
@@ -412,31 +411,7 @@ async def bench_dns(args: argparse.Namespace, workdir: Path) -> dict[str, object
 
 
 def bench_report(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
-    rng = random.Random(4)
-    db = workdir / "probe.db"
-    started = time.perf_counter()
-    *_, networks = report_million.build_geoip(workdir, 2000, rng)
-    report_million.build_database(db, args.sessions, networks, rng)
-    built = time.perf_counter() - started
-    config = write_config(
-        workdir / "report.toml", {"geoip": {"country_db": "country.mmdb", "asn_db": "asn.mmdb"}}
-    )
-    with sqlite3.connect(db) as conn:
-        counts = {
-            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            for table in ("sessions", "requests", "answers")
-        }
-        distinct = conn.execute("SELECT count(DISTINCT ipv4) FROM sessions").fetchone()[0]
-    say(f"built {args.sessions:,} sessions in {built:.1f} s")
-    runs = {}
-    for label, fmt in (("cold", "json"), ("warm", "json"), ("warm, Markdown", "md")):
-        run = report_million.run_report(db, config, workdir / "out", fmt)
-        runs[label] = run
-        say(
-            f"report {label}: {run['seconds']:.2f} s (CPU {run['cpu']:.2f} s),"
-            f" peak RSS {run['peak_rss']:,.0f} MiB, anonymous {run['peak_anon']:,.0f} MiB"
-        )
-    return {"runs": runs, "built": built, "counts": counts, "ipv4": distinct}
+    return report_million.measure(workdir, args.sessions, say)
 
 
 # -- writing -----------------------------------------------------------------

@@ -51,6 +51,7 @@ from .keys import metrics_key, verifier_key, writer_key
 from .limits import ConnectionTable, GuardedConnection
 from .store import NotStored, Overloaded
 from .tokens import looks_like_token
+from .web import INSERT_REQUEST, IPV4, IPV6, MAX_LOGGED_AGENT, MAX_LOGGED_PATH
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IPV4, IPV6 = "ipv4", "ipv6"
 # A browser's request for an image is well under 2 KB, cookies aside; a head
 # not complete within this many bytes goes to aiohttp, which applies its own
 # limits (and answers 400 or 431 where they are passed).
@@ -67,7 +67,6 @@ MAX_HEAD = 8190
 # What a connection may have sent ahead (pipelined) while its request waits
 # for its row; beyond this, reading stops until that request is answered.
 MAX_BUFFER = 65536
-MAX_LOGGED_AGENT = 512
 
 # The request line of a ball fetch: the path of the ball routes with a token
 # and ball index of the characters a token or index can hold, and any query
@@ -137,12 +136,9 @@ _SERVER = b"Server: " + SERVER_SOFTWARE.encode("ascii") + b"\r\n"
 class FastBalls:
     """What one site's fast connections share: its balls, the app's writer and counters."""
 
-    def __init__(
-        self, app: web.Application, site: str, insert_request: str, header_timeout: float
-    ) -> None:
+    def __init__(self, app: web.Application, site: str, header_timeout: float) -> None:
         self.app = app
         self.site = site
-        self.insert_request = insert_request
         self.header_timeout = header_timeout
         self.balls = {
             kind: (name, *_response(b"200 OK", b"image/png", body, b"Timing-Allow-Origin: *\r\n"))
@@ -339,14 +335,14 @@ class FastConnection(GuardedConnection):
         token_ok = balls._verifier(token) if token is not None else False
         path = match.group(0).decode("ascii")
         row = (
-            balls.insert_request,
+            INSERT_REQUEST,
             (
                 time.time(),
                 balls.site,
                 self.addr,
                 self.port,
                 "GET",
-                path[:2048],
+                path[:MAX_LOGGED_PATH],
                 name,
                 token,
                 token_ok,
@@ -356,7 +352,7 @@ class FastConnection(GuardedConnection):
                 agent,
             ),
         )
-        self._close_after = close or balls.closing
+        self._close_after = close
         self._pending = (name, head, body)
         try:
             self.waiting = balls._writer.submit([row])
@@ -371,11 +367,10 @@ class FastConnection(GuardedConnection):
         error = future.exception()
         if error is None:
             self._send(name, head, body)
-        elif isinstance(error, NotStored):
-            self._send(name, *_NOT_STORED)
-        else:
+            return
+        if not isinstance(error, NotStored):
             log.error("event=fast_ball_failed error=%r", repr(error))
-            self._send(name, *_NOT_STORED)
+        self._send(name, *_NOT_STORED)
 
     def _send(self, name: str, head: bytes, body: bytes) -> None:
         balls = self.balls
@@ -442,11 +437,8 @@ class FastConnection(GuardedConnection):
             self.inner.pause_writing()
         buffer, self.buffer = self.buffer, b""
         if buffer:
-            # The busy mark of GuardedConnection.data_received, for what came already.
-            if b"\r\n\r\n" in buffer:
-                self.table.busy(self)
-            self._tail = buffer[-3:]
-            self.inner.data_received(buffer)
+            # What came already, as it would have come: busy marking and all.
+            GuardedConnection.data_received(self, buffer)
         return self.inner.eof_received() if self._eof else None
 
     def _forget(self) -> None:

@@ -39,7 +39,7 @@ from .metrics import Metrics
 from .store import Writer
 from .tls import SiteCertificate, TlsError
 from .tokens import SecretError, load_or_create_secret
-from .web import INSERT_REQUEST, IPV4, IPV6, create_app
+from .web import IPV4, IPV6, create_app
 from .zone import Authority, ZoneError
 
 log = logging.getLogger(__name__)
@@ -360,8 +360,7 @@ class ProbeServer:
         # of TLS sites, which only redirect and serve ACME.
         if config.http.fast_balls:
             self.fast = {
-                name: FastBalls(self.app, name, INSERT_REQUEST, config.http.header_timeout)
-                for name in (IPV4, IPV6)
+                name: FastBalls(self.app, name, config.http.header_timeout) for name in (IPV4, IPV6)
             }
             shutdown_timeout = config.server.shutdown_timeout
 

@@ -34,8 +34,10 @@ What can change in place is not rolled up, or is kept in step:
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sqlite3
+from collections.abc import Callable, Iterator
 
 SOURCES = ("sessions", "requests", "answers")
 TABLES = (
@@ -402,85 +404,76 @@ COPY = (
 BUILDING = "building"
 
 
-def _write(conn: sqlite3.Connection, build: int, work: str, *params: int) -> bool:
-    """Run ``work`` in a transaction of its own if the build is still ours."""
-    conn.execute("BEGIN IMMEDIATE")
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+    """One transaction: committed when the block ends, rolled back if it raises."""
+    conn.execute(begin)
     try:
-        if conn.execute("SELECT source, through FROM rollup_state").fetchall() != [
-            (BUILDING, build)
-        ]:
-            conn.execute("COMMIT")
-            return False
-        conn.execute(work, params)
-        conn.execute("COMMIT")
+        yield
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    conn.execute("COMMIT")
+
+
+def _still_building(conn: sqlite3.Connection, build: int, work: Callable[[], object]) -> bool:
+    """Run ``work`` in a transaction of its own if the build is still ours."""
+    with _transaction(conn):
+        if conn.execute("SELECT source, through FROM rollup_state").fetchall() != [
+            (BUILDING, build)
+        ]:
+            return False
+        work()
     return True
+
+
+def _write(conn: sqlite3.Connection, build: int, work: str, *params: int) -> bool:
+    """Run the statement ``work`` in a transaction of its own if the build is still ours."""
+    return _still_building(conn, build, lambda: conn.execute(work, params))
 
 
 def _build(conn: sqlite3.Connection) -> bool:
     """Roll everything up from nothing; False if stopped (see BUILDING)."""
     build = secrets.randbits(62)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn):
         conn.execute("DELETE FROM rollup_state")
         conn.execute("INSERT INTO rollup_state (source, through) VALUES (?, ?)", (BUILDING, build))
         for table in TABLES:
             conn.execute(f"DELETE FROM {table}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     try:
-        conn.execute("BEGIN")  # one snapshot; only the temporary tables are written
-        try:
+        with _transaction(conn, "BEGIN"):  # one snapshot; only the temporary tables are written
             targets = [
                 conn.execute(f"SELECT COALESCE(max(id), 0) FROM {source}").fetchone()[0]
                 for source in SOURCES
             ]
             for statement in BUILD:
                 conn.execute(statement)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         for table, copy in COPY:
             (last,) = conn.execute(f"SELECT COALESCE(max(rowid), 0) FROM temp.{table}").fetchone()
+            work = f"{copy} WHERE c.rowid > ? AND c.rowid <= ? ORDER BY c.rowid"
             for low in range(0, last, COPY_CHUNK):
-                work = f"{copy} WHERE c.rowid > ? AND c.rowid <= ? ORDER BY c.rowid"
                 if not _write(conn, build, work, low, low + COPY_CHUNK):
                     return False
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if conn.execute("SELECT source, through FROM rollup_state").fetchall() != [
-                (BUILDING, build)
-            ]:
-                conn.execute("COMMIT")
-                return False
+
+        def finish() -> None:
             conn.execute("DELETE FROM rollup_state")
             conn.executemany(
                 "INSERT INTO rollup_state (source, through) VALUES (?, ?)",
                 zip(SOURCES, targets, strict=True),
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+
+        return _still_building(conn, build, finish)
     finally:
         for table, _ in COPY:
             conn.execute(f"DROP TABLE IF EXISTS temp.{table}")
-    return True
 
 
 def _step(conn: sqlite3.Connection, targets: dict[str, int]) -> bool | None:
     """One transaction's worth of rows: False when there is nothing left to
     do, None when the rollups were emptied (a row deleted by hand)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn):
         state = _state(conn)
         if state is None:
-            conn.execute("COMMIT")
             return None
         if state["requests"] < targets["requests"]:
             source = "requests"
@@ -495,25 +488,14 @@ def _step(conn: sqlite3.Connection, targets: dict[str, int]) -> bool | None:
             high = min(state["sessions"] + SESSION_CHUNK, targets["sessions"])
             _sessions(conn, state["sessions"], high, state["requests"], state["answers"])
         else:
-            conn.execute("COMMIT")
             return False
         conn.execute("UPDATE rollup_state SET through = ? WHERE source = ?", (high, source))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return True
 
 
 def _context_step(conn: sqlite3.Connection) -> int | None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        reworked = None if _state(conn) is None else _context(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return reworked
+    with _transaction(conn):
+        return None if _state(conn) is None else _context(conn)
 
 
 # Give up after this many builds stopped by rows deleted by hand meanwhile.
