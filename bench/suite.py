@@ -494,7 +494,7 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: dict[str, 
                     / max(median([r["rate"] for r in by_name[peer].runs.get(c, [])]), 1)
                     for c in args.connections
                 ]
-                where = ", ".join(f"c={c}" for c in met) or "none"
+                where = ", ".join(f"c={c}" for c in met)
                 summary.append(
                     (
                         f"HTTP ≥ {target}× {'Apache + PHP' if peer == 'apache' else peer}",
@@ -502,7 +502,11 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: dict[str, 
                             f"{r:.2f}× at c={c}"
                             for c, r in zip(args.connections, ratios, strict=True)
                         ),
-                        "met" if not missed else f"**met at {where} only**",
+                        "met"
+                        if not missed
+                        else f"**met at {where} only**"
+                        if met
+                        else "**not met**",
                         "with synchronous = normal: "
                         + " / ".join(f"{r:.2f}×" for r in normal_ratios),
                     )
