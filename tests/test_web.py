@@ -97,6 +97,33 @@ async def test_known_path_on_wrong_site_is_misdirected(server, http, db, site, p
     assert db("SELECT ipv6 FROM session_summary")[0]["ipv6"] is None
 
 
+async def test_the_socket_decides_the_site_not_the_host_header(server, http, db):
+    """Each request names the other site in its Host header (and absolute URI)."""
+    page = await load_survey(http, server)
+    ipv4_host = server.base_urls["ipv4"].removeprefix("http://")
+    ipv6_host = server.base_urls["ipv6"].removeprefix("http://")
+    blue_path = page.blue[0].removeprefix(server.base_urls["ipv6"])
+    red_path = page.red[0].removeprefix(server.base_urls["ipv4"])
+    asked = [
+        ("ipv4", f"GET {blue_path} HTTP/1.1\r\nHost: {ipv6_host}\r\n", 421),
+        ("ipv4", f"GET http://{ipv6_host}{blue_path} HTTP/1.1\r\nHost: {ipv6_host}\r\n", 421),
+        ("ipv6", f"GET / HTTP/1.1\r\nHost: {ipv4_host}\r\n", 421),
+        ("ipv6", f"GET {red_path} HTTP/1.1\r\nHost: {ipv4_host}\r\n", 421),
+        ("ipv6", f"POST /submit HTTP/1.1\r\nHost: {ipv4_host}\r\nContent-Length: 0\r\n", 421),
+        # The right socket serves whatever Host says.
+        ("ipv6", f"GET {blue_path} HTTP/1.1\r\nHost: {ipv4_host}\r\n", 200),
+    ]
+    for site, head, status in asked:
+        answer = await raw_request(server, (head + "Connection: close\r\n\r\n").encode(), site)
+        assert answer.startswith(f"HTTP/1.1 {status} ".encode()), (site, head, answer[:40])
+    rows = db("SELECT site, kind, status FROM requests WHERE kind <> 'survey' ORDER BY id")
+    assert [tuple(r) for r in rows] == [("ipv4", "wrong-site", 421)] * 2 + [
+        ("ipv6", "wrong-site", 421)
+    ] * 3 + [("ipv6", "blue", 200)]
+    (row,) = db("SELECT ipv6, blue_fetched FROM session_summary")
+    assert tuple(row) == ("::1", 1)
+
+
 async def test_submit_on_ipv6_is_misdirected(server, http):
     async with http.post(f"{server.base_urls['ipv6']}/submit", data={"red": "1"}) as response:
         assert response.status == 421
@@ -325,8 +352,8 @@ async def test_concurrent_fetches_share_commits(server, http, db):
     assert db("SELECT fetches FROM session_ipv6")[0][0] == 300
 
 
-async def raw_request(server: ProbeServer, raw: bytes) -> bytes:
-    host, port = server.listeners.http["ipv4"].getsockname()[:2]
+async def raw_request(server: ProbeServer, raw: bytes, site: str = "ipv4") -> bytes:
+    host, port = server.listeners.http[site].getsockname()[:2]
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(raw)
     try:
