@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 import re
+import time
 from typing import Any
 
 import aiohttp
@@ -72,11 +73,48 @@ async def test_ball_urls_carry_ipv4_as_seen(server, http):
     assert all(u.endswith("?ip=127.0.0.1") for u in page.red + page.blue)
 
 
-async def test_probe_images_are_not_cacheable(server, http):
+@pytest.mark.parametrize("colour", ["red", "blue"])
+async def test_probe_images_are_not_cacheable(server, http, colour):
     page = await load_survey(http, server)
-    async with http.get(page.blue[0]) as response:
+    async with http.get(getattr(page, colour)[0]) as response:
         assert response.headers["Cache-Control"] == "no-store"
         assert response.content_type == "image/png"
+
+
+async def test_ball_counts_are_drawn_from_1_to_4(server, http):
+    """Each count uniform in 1-4: in 60 pages every value shows for both colours.
+
+    A value is missing by chance with probability 4 * (3/4)**60, below 1e-7.
+    """
+    pages = await asyncio.gather(*(load_survey(http, server) for _ in range(60)))
+    assert {len(page.red) for page in pages} == {1, 2, 3, 4}
+    assert {len(page.blue) for page in pages} == {1, 2, 3, 4}
+    assert len({page.token for page in pages}) == 60
+
+
+async def test_survey_records_the_clients_address_port_agent_and_time(server, db):
+    host, port = server.listeners.http["ipv4"].getsockname()[:2]
+    reader, writer = await asyncio.open_connection(host, port)
+    client_port = writer.get_extra_info("sockname")[1]
+    before = time.time()
+    try:
+        writer.write(
+            b"GET /?assignmentId=A1&hitId=H1&workerId=W1 HTTP/1.1\r\nHost: x\r\n"
+            b"User-Agent: audit-agent/1.0\r\nConnection: close\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    after = time.time()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    (row,) = db("SELECT ipv4, port, user_agent, created, visit, worker_id FROM sessions")
+    assert (row["ipv4"], row["port"], row["user_agent"]) == (
+        "127.0.0.1",
+        client_port,
+        "audit-agent/1.0",
+    )
+    assert before <= row["created"] <= after
+    assert (row["visit"], row["worker_id"]) == ("accepted", "W1")
 
 
 @pytest.mark.parametrize(
