@@ -368,13 +368,23 @@ async def test_malformed_mturk_parameters_are_400(server, http, name):
         assert "<script>alert" not in await response.text()
 
 
-async def test_non_utf8_query_is_handled(server, http, db):
-    # %ff is not UTF-8: rejected by the parameter check or stored, never a 500.
-    async with http.get(
-        aiohttp.client.URL(f"{server.base_urls['ipv4']}/?workerId=%ff%fe", encoded=True)
-    ) as response:
-        assert response.status in (200, 400)
-    assert db("SELECT count(*) FROM requests WHERE status >= 500")[0][0] == 0
+@pytest.mark.parametrize(
+    "name", ["assignmentId", "hitId", "workerId", "turkSubmitTo", "batch", "survey", "lang"]
+)
+async def test_non_utf8_query_is_400(server, http, db, name):
+    # %ff%fe is not UTF-8: every parameter the survey reads refuses it, no session is made.
+    url = f"{server.base_urls['ipv4']}/?{name}=x%ff%fe"
+    async with http.get(aiohttp.client.URL(url, encoded=True)) as response:
+        assert response.status == 400
+    assert db("SELECT count(*) FROM sessions")[0][0] == 0
+    assert [tuple(r) for r in db("SELECT kind, status FROM requests")] == [("survey", 400)]
+
+
+async def test_non_utf8_in_a_parameter_the_survey_does_not_read_is_ignored(server, http, db):
+    url = f"{server.base_urls['ipv4']}/?utm_source=%ff%fe"
+    async with http.get(aiohttp.client.URL(url, encoded=True)) as response:
+        assert response.status == 200
+    assert db("SELECT visit FROM sessions")[0][0] == "direct"
 
 
 async def test_concurrent_fetches_share_commits(server, http, db):
