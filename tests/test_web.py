@@ -20,6 +20,8 @@ from probe_server.limits import malformed_requests
 from probe_server.server import ProbeServer
 from probe_server.tokens import new_token
 
+from .test_fastpath import database_locked, until
+
 IMG = re.compile(r'<img src="([^"]+)"')
 TOKEN = re.compile(r'name="token" value="([a-z2-7]{32})"')
 
@@ -317,6 +319,47 @@ async def test_bad_answers_are_400(server, http, db, form):
     assert status == 400
     assert "Something is not right" in text
     assert db("SELECT count(*) FROM answers")[0][0] == 0
+
+
+async def test_stopping_refuses_new_connections_and_answers_the_request_in_hand(server, http, db):
+    """What SIGTERM does (server.stop), on aiohttp's path: the answer form in flight.
+
+    Its row waits for a commit (the database is locked from outside) while the
+    server stops: the listener closes at once, and the answer is still
+    stored and answered 200 once the lock goes.
+    """
+    page = await load_survey(http, server)
+    host, port = server.listeners.http["ipv4"].getsockname()[:2]
+    reader, writer = await asyncio.open_connection(host, port)
+    body = f"token={page.token}&red={len(page.red)}&blue=1".encode()
+    try:
+        with database_locked(server):
+            writer.write(
+                b"POST /submit HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await until(lambda: server.app[writer_key].queued_rows > 0)
+            stopping = asyncio.ensure_future(server.stop())
+            async with asyncio.timeout(10):
+                while True:  # bounded polling: until the listener is closed
+                    try:
+                        _, other = await asyncio.open_connection(host, port)
+                    except ConnectionRefusedError:
+                        break
+                    except ConnectionResetError:
+                        pass  # caught in the backlog as the listener closed
+                    else:
+                        other.close()
+                    await asyncio.sleep(0.01)
+            assert not stopping.done()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        await stopping
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:40]
+    assert db("SELECT session_token, red_correct FROM answers")[0][:] == (page.token, 1)
 
 
 async def test_answer_for_unknown_session_with_valid_signature_is_400(server, http):
