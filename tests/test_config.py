@@ -33,6 +33,7 @@ def test_the_demo_is_loopback_with_the_example_zones():
     assert (config.sites.ipv4.base_url, config.sites.ipv6.base_url) == (None, None)
     assert config.database.path == Path("probe.db")
     assert config.dns.enabled
+    assert config.dns.rrl.enabled  # response-rate limiting is on unless turned off
     assert (config.dns.listen_ipv4, config.dns.listen_ipv6) == ("127.0.0.1:5353", "[::1]:5353")
     # Relative to the working directory, which make run's is: the repository.
     assert [ROOT / zone for zone in config.dns.zones] == [
