@@ -25,6 +25,24 @@ def test_example_file_documents_the_defaults():
     assert example.model_dump(exclude={"source"}) == demo_config().model_dump(exclude={"source"})
 
 
+def test_the_demo_is_loopback_with_the_example_zones():
+    """`make run` with no file: the sites, database and DNS the README's lines use."""
+    config = demo_config()
+    assert (config.sites.ipv4.listen, config.sites.ipv6.listen) == ("127.0.0.1:8080", "[::1]:8080")
+    # No base URL: each comes from its socket (http://127.0.0.1:8080, http://[::1]:8080).
+    assert (config.sites.ipv4.base_url, config.sites.ipv6.base_url) == (None, None)
+    assert config.database.path == Path("probe.db")
+    assert config.dns.enabled
+    assert config.dns.rrl.enabled  # response-rate limiting is on unless turned off
+    assert (config.dns.listen_ipv4, config.dns.listen_ipv6) == ("127.0.0.1:5353", "[::1]:5353")
+    # Relative to the working directory, which make run's is: the repository.
+    assert [ROOT / zone for zone in config.dns.zones] == [
+        ROOT / "dns" / "example.org.zone",
+        ROOT / "dns" / "v6ns.example.org.zone",
+    ]
+    assert all((ROOT / zone).is_file() for zone in config.dns.zones)
+
+
 def _model_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     keys = set()
     for name, field in model.model_fields.items():

@@ -7,6 +7,7 @@ where a test needs a packet no client would send.
 from __future__ import annotations
 
 import asyncio
+import re
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 
 from probe_server.dnswire import Responder
 from probe_server.server import ProbeServer
+from probe_server.testing import require_tool
 from probe_server.zone import Authority
 
 from .conftest import EXAMPLE_ZONES, MakeConfig
@@ -218,14 +220,16 @@ async def test_question_echoed_with_the_clients_letter_case(dns_server, transpor
 # -- EDNS and truncation ---------------------------------------------------------
 
 
-async def test_edns_reply_carries_our_opt(dns_server):
-    reply = await query(dns_server, "survey.example.org", "A", use_edns=0, payload=4096)
+@pytest.mark.parametrize(("transport", "family"), SOCKETS)
+async def test_edns_reply_carries_our_opt(dns_server, transport, family):
+    ask = dict(transport=transport, family=family)
+    reply = await query(dns_server, "survey.example.org", "A", use_edns=0, payload=4096, **ask)
     assert reply.edns == 0
     assert reply.payload == 1232
     assert not reply.ednsflags & dns.flags.DO
-    reply = await query(dns_server, "survey.example.org", "A", use_edns=0, want_dnssec=True)
+    reply = await query(dns_server, "survey.example.org", "A", use_edns=0, want_dnssec=True, **ask)
     assert reply.ednsflags & dns.flags.DO  # DO is echoed (RFC 3225)
-    reply = await query(dns_server, "survey.example.org", "A", use_edns=False)
+    reply = await query(dns_server, "survey.example.org", "A", use_edns=False, **ask)
     assert reply.edns == -1  # no OPT to a query without one
 
 
@@ -273,9 +277,9 @@ def header(ident: int = 0xBEEF, flags: int = 0, qd: int = 1, an: int = 0, ns: in
 QUESTION = b"\x06survey\x07example\x03org\x00\x00\x01\x00\x01"
 
 
-@pytest.mark.parametrize("transport", ["udp", "tcp"])
-async def test_malformed_messages(dns_server, transport):
-    raw = await (RawUdp if transport == "udp" else RawTcp).open(dns_server, "ipv6")
+@pytest.mark.parametrize(("transport", "family"), SOCKETS)
+async def test_malformed_messages(dns_server, transport, family):
+    raw = await (RawUdp if transport == "udp" else RawTcp).open(dns_server, family)
     valid = wire_query("survey.example.org", "A", ident=7)
     try:
         # Too short for a header, and a response (QR=1): dropped. The next
@@ -325,8 +329,9 @@ async def test_malformed_messages(dns_server, transport):
 # -- TCP (RFC 7766) ----------------------------------------------------------------
 
 
-async def test_tcp_several_queries_per_connection_pipelined(dns_server):
-    tcp = await RawTcp.open(dns_server)
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+async def test_tcp_several_queries_per_connection_pipelined(dns_server, family):
+    tcp = await RawTcp.open(dns_server, family)
     try:
         names = ["survey.example.org", "v6.example.org", "nope.example.org"]
         message = b"".join(
@@ -347,11 +352,12 @@ async def test_tcp_several_queries_per_connection_pipelined(dns_server):
         await tcp.close()
 
 
-async def test_tcp_idle_connection_is_closed(make_config):
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+async def test_tcp_idle_connection_is_closed(make_config, family):
     server = ProbeServer(make_config(dns={"tcp_idle_timeout": 0.2}))
     await server.start()
     try:
-        tcp = await RawTcp.open(server)
+        tcp = await RawTcp.open(server, family)
         reply = await tcp.exchange(wire_query("survey.example.org"))
         assert dns.message.from_wire(reply).answer
         assert await tcp.closed_by_server()
@@ -655,3 +661,39 @@ async def test_dns_can_be_turned_off(make_config):
         assert "dns_" not in listeners.describe()
     finally:
         await server.stop()
+
+
+# -- the README's dig lines ----------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+DIG_LINE = re.compile(r"^dig @(\S+) -p 5353 (.+?)\s+# (.+)$", re.MULTILINE)
+
+
+async def test_the_readmes_dig_lines_show_what_they_say(dns_server):
+    """Each line, run by dig against the demo's zones on this test's ports."""
+    dig = require_tool("dig")
+    lines = DIG_LINE.findall(README.read_text())
+    assert len(lines) >= 4
+    for address, arguments, comment in lines:
+        family = "ipv6" if ":" in address else "ipv4"
+        transport = "tcp" if "+tcp" in arguments.split() else "udp"
+        host, port = endpoint(dns_server, transport, family)
+        process = await asyncio.create_subprocess_exec(
+            dig, f"@{host}", "-p", str(port), *arguments.split(), "+tries=1", "+time=5",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+        assert process.returncode == 0, out
+        status = re.search(r"status: (\w+)", out)
+        counts = re.search(r"ANSWER: (\d+), AUTHORITY: (\d+)", out)
+        assert status and counts, out
+        assert "flags: qr aa" in out and " ra" not in out.split("flags:")[1].split(";")[0], out
+        if "NODATA" in comment or "NXDOMAIN" in comment:
+            expected = "NXDOMAIN" if "NXDOMAIN" in comment else "NOERROR"
+            assert (status.group(1), counts.groups()) == (expected, ("0", "1")), out
+            assert re.search(r"^example\.org\.\s+60\s+IN\s+SOA\s", out, re.MULTILINE), out
+        else:
+            assert (status.group(1), counts.group(1)) == ("NOERROR", "1"), out
+            # The address the comment shows, if it shows one.
+            for shown in re.findall(r"(?:192\.0\.2\.|2001:db8:)[0-9a-f.:]+", comment):
+                assert re.search(rf"\sIN\s+A+\s+{re.escape(shown)}$", out, re.MULTILINE), out

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,10 @@ async def test_same_response_and_row_as_the_web_application(pair):
     seen = {}
     for name, server in pair.items():
         token = await survey_token(server)
+        before = time.time()
         blue = await Raw.open(server, IPV6)
         red = await Raw.open(server, IPV4)
+        ports = [c.writer.get_extra_info("sockname")[1] for c in (blue, red)]
         try:
             await blue.send(ball_request("blue", token, 2))
             status_b, headers_b, body_b = await blue.response()
@@ -133,9 +136,12 @@ async def test_same_response_and_row_as_the_web_application(pair):
             await blue.close()
             await red.close()
         headers_b.pop("date"), headers_r.pop("date")
+        after = time.time()
         stored = rows(server, "SELECT * FROM requests WHERE kind IN ('red', 'blue') ORDER BY id")
-        for row in stored:
-            row.pop("id"), row.pop("t"), row.pop("port")
+        for row, port in zip(stored, ports, strict=True):
+            row.pop("id")
+            assert before <= row.pop("t") <= after
+            assert row.pop("port") == port  # the client's own port, for pairing with NAT logs
             assert row.pop("token") == token
             row["path"] = row["path"].replace(token, "TOKEN")
         seen[name] = (status_b, headers_b, body_b, status_r, headers_r, body_r, stored)
@@ -143,6 +149,14 @@ async def test_same_response_and_row_as_the_web_application(pair):
     assert fast[0] == fast[3] == 200
     assert fast[2] == images.BLUE_BALL and fast[5] == images.RED_BALL
     assert fast == slow
+    # Every column a probe's row has (issue 2), as the client sent it.
+    common = {"method": "GET", "token_ok": 1, "status": 200, "user_agent": "fastpath-test/1.0"}
+    assert fast[6] == [
+        {**common, "site": "ipv6", "addr": "::1", "path": "/blue/TOKEN/2.png?ip=127.0.0.1",
+         "kind": "blue", "ball": 2, "bytes": len(images.BLUE_BALL)},
+        {**common, "site": "ipv4", "addr": "127.0.0.1", "path": "/red/TOKEN/1.png?ip=127.0.0.1",
+         "kind": "red", "ball": 1, "bytes": len(images.RED_BALL)},
+    ]  # fmt: skip
     # ... and it was the fast path that answered, the other the web application.
     assert pair["fast"].fast[IPV6].answered == 1 and pair["fast"].fast[IPV4].answered == 1
     assert pair["slow"].fast == {}

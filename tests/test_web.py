@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 import re
+import time
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,8 @@ from probe_server.keys import secret_key, writer_key
 from probe_server.limits import malformed_requests
 from probe_server.server import ProbeServer
 from probe_server.tokens import new_token
+
+from .test_fastpath import database_locked, until
 
 IMG = re.compile(r'<img src="([^"]+)"')
 TOKEN = re.compile(r'name="token" value="([a-z2-7]{32})"')
@@ -72,11 +75,48 @@ async def test_ball_urls_carry_ipv4_as_seen(server, http):
     assert all(u.endswith("?ip=127.0.0.1") for u in page.red + page.blue)
 
 
-async def test_probe_images_are_not_cacheable(server, http):
+@pytest.mark.parametrize("colour", ["red", "blue"])
+async def test_probe_images_are_not_cacheable(server, http, colour):
     page = await load_survey(http, server)
-    async with http.get(page.blue[0]) as response:
+    async with http.get(getattr(page, colour)[0]) as response:
         assert response.headers["Cache-Control"] == "no-store"
         assert response.content_type == "image/png"
+
+
+async def test_ball_counts_are_drawn_from_1_to_4(server, http):
+    """Each count uniform in 1-4: in 60 pages every value shows for both colours.
+
+    A value is missing by chance with probability 4 * (3/4)**60, below 1e-7.
+    """
+    pages = await asyncio.gather(*(load_survey(http, server) for _ in range(60)))
+    assert {len(page.red) for page in pages} == {1, 2, 3, 4}
+    assert {len(page.blue) for page in pages} == {1, 2, 3, 4}
+    assert len({page.token for page in pages}) == 60
+
+
+async def test_survey_records_the_clients_address_port_agent_and_time(server, db):
+    host, port = server.listeners.http["ipv4"].getsockname()[:2]
+    reader, writer = await asyncio.open_connection(host, port)
+    client_port = writer.get_extra_info("sockname")[1]
+    before = time.time()
+    try:
+        writer.write(
+            b"GET /?assignmentId=A1&hitId=H1&workerId=W1 HTTP/1.1\r\nHost: x\r\n"
+            b"User-Agent: audit-agent/1.0\r\nConnection: close\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    after = time.time()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    (row,) = db("SELECT ipv4, port, user_agent, created, visit, worker_id FROM sessions")
+    assert (row["ipv4"], row["port"], row["user_agent"]) == (
+        "127.0.0.1",
+        client_port,
+        "audit-agent/1.0",
+    )
+    assert before <= row["created"] <= after
+    assert (row["visit"], row["worker_id"]) == ("accepted", "W1")
 
 
 @pytest.mark.parametrize(
@@ -95,6 +135,33 @@ async def test_known_path_on_wrong_site_is_misdirected(server, http, db, site, p
     assert row["kind"] == "wrong-site" and row["site"] == site
     # A blue ball asked for on IPv4 does not correlate an IPv6 address.
     assert db("SELECT ipv6 FROM session_summary")[0]["ipv6"] is None
+
+
+async def test_the_socket_decides_the_site_not_the_host_header(server, http, db):
+    """Each request names the other site in its Host header (and absolute URI)."""
+    page = await load_survey(http, server)
+    ipv4_host = server.base_urls["ipv4"].removeprefix("http://")
+    ipv6_host = server.base_urls["ipv6"].removeprefix("http://")
+    blue_path = page.blue[0].removeprefix(server.base_urls["ipv6"])
+    red_path = page.red[0].removeprefix(server.base_urls["ipv4"])
+    asked = [
+        ("ipv4", f"GET {blue_path} HTTP/1.1\r\nHost: {ipv6_host}\r\n", 421),
+        ("ipv4", f"GET http://{ipv6_host}{blue_path} HTTP/1.1\r\nHost: {ipv6_host}\r\n", 421),
+        ("ipv6", f"GET / HTTP/1.1\r\nHost: {ipv4_host}\r\n", 421),
+        ("ipv6", f"GET {red_path} HTTP/1.1\r\nHost: {ipv4_host}\r\n", 421),
+        ("ipv6", f"POST /submit HTTP/1.1\r\nHost: {ipv4_host}\r\nContent-Length: 0\r\n", 421),
+        # The right socket serves whatever Host says.
+        ("ipv6", f"GET {blue_path} HTTP/1.1\r\nHost: {ipv4_host}\r\n", 200),
+    ]
+    for site, head, status in asked:
+        answer = await raw_request(server, (head + "Connection: close\r\n\r\n").encode(), site)
+        assert answer.startswith(f"HTTP/1.1 {status} ".encode()), (site, head, answer[:40])
+    rows = db("SELECT site, kind, status FROM requests WHERE kind <> 'survey' ORDER BY id")
+    assert [tuple(r) for r in rows] == [("ipv4", "wrong-site", 421)] * 2 + [
+        ("ipv6", "wrong-site", 421)
+    ] * 3 + [("ipv6", "blue", 200)]
+    (row,) = db("SELECT ipv6, blue_fetched FROM session_summary")
+    assert tuple(row) == ("::1", 1)
 
 
 async def test_submit_on_ipv6_is_misdirected(server, http):
@@ -254,6 +321,47 @@ async def test_bad_answers_are_400(server, http, db, form):
     assert db("SELECT count(*) FROM answers")[0][0] == 0
 
 
+async def test_stopping_refuses_new_connections_and_answers_the_request_in_hand(server, http, db):
+    """What SIGTERM does (server.stop), on aiohttp's path: the answer form in flight.
+
+    Its row waits for a commit (the database is locked from outside) while the
+    server stops: the listener closes at once, and the answer is still
+    stored and answered 200 once the lock goes.
+    """
+    page = await load_survey(http, server)
+    host, port = server.listeners.http["ipv4"].getsockname()[:2]
+    reader, writer = await asyncio.open_connection(host, port)
+    body = f"token={page.token}&red={len(page.red)}&blue=1".encode()
+    try:
+        with database_locked(server):
+            writer.write(
+                b"POST /submit HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await until(lambda: server.app[writer_key].queued_rows > 0)
+            stopping = asyncio.ensure_future(server.stop())
+            async with asyncio.timeout(10):
+                while True:  # bounded polling: until the listener is closed
+                    try:
+                        _, other = await asyncio.open_connection(host, port)
+                    except ConnectionRefusedError:
+                        break
+                    except ConnectionResetError:
+                        pass  # caught in the backlog as the listener closed
+                    else:
+                        other.close()
+                    await asyncio.sleep(0.01)
+            assert not stopping.done()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        await stopping
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:40]
+    assert db("SELECT session_token, red_correct FROM answers")[0][:] == (page.token, 1)
+
+
 async def test_answer_for_unknown_session_with_valid_signature_is_400(server, http):
     # Signed with the server's own secret, but never served: no session row.
     token = new_token(server.app[secret_key])
@@ -303,13 +411,23 @@ async def test_malformed_mturk_parameters_are_400(server, http, name):
         assert "<script>alert" not in await response.text()
 
 
-async def test_non_utf8_query_is_handled(server, http, db):
-    # %ff is not UTF-8: rejected by the parameter check or stored, never a 500.
-    async with http.get(
-        aiohttp.client.URL(f"{server.base_urls['ipv4']}/?workerId=%ff%fe", encoded=True)
-    ) as response:
-        assert response.status in (200, 400)
-    assert db("SELECT count(*) FROM requests WHERE status >= 500")[0][0] == 0
+@pytest.mark.parametrize(
+    "name", ["assignmentId", "hitId", "workerId", "turkSubmitTo", "batch", "survey", "lang"]
+)
+async def test_non_utf8_query_is_400(server, http, db, name):
+    # %ff%fe is not UTF-8: every parameter the survey reads refuses it, no session is made.
+    url = f"{server.base_urls['ipv4']}/?{name}=x%ff%fe"
+    async with http.get(aiohttp.client.URL(url, encoded=True)) as response:
+        assert response.status == 400
+    assert db("SELECT count(*) FROM sessions")[0][0] == 0
+    assert [tuple(r) for r in db("SELECT kind, status FROM requests")] == [("survey", 400)]
+
+
+async def test_non_utf8_in_a_parameter_the_survey_does_not_read_is_ignored(server, http, db):
+    url = f"{server.base_urls['ipv4']}/?utm_source=%ff%fe"
+    async with http.get(aiohttp.client.URL(url, encoded=True)) as response:
+        assert response.status == 200
+    assert db("SELECT visit FROM sessions")[0][0] == "direct"
 
 
 async def test_concurrent_fetches_share_commits(server, http, db):
@@ -325,8 +443,8 @@ async def test_concurrent_fetches_share_commits(server, http, db):
     assert db("SELECT fetches FROM session_ipv6")[0][0] == 300
 
 
-async def raw_request(server: ProbeServer, raw: bytes) -> bytes:
-    host, port = server.listeners.http["ipv4"].getsockname()[:2]
+async def raw_request(server: ProbeServer, raw: bytes, site: str = "ipv4") -> bytes:
+    host, port = server.listeners.http[site].getsockname()[:2]
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(raw)
     try:
