@@ -23,7 +23,11 @@ from botocore.exceptions import BotoCoreError
 from probe_server.cli import main
 from probe_server.i18n import read_catalogue
 from probe_server.mturk.experiment import load_experiment
+from probe_server.mturk.fake import WorkerRefused
 from probe_server.mturk.requester import (
+    HITS_APPROVED,
+    PERCENT_APPROVED,
+    WORKER_LOCALE,
     SessionFacts,
     Target,
     account_balance,
@@ -196,6 +200,51 @@ async def test_changed_batch_or_other_site_is_refused(tmp_path, fake_mturk):
 
 
 # -- live: cost and confirmation ------------------------------------------------------------
+
+
+async def test_several_countries_and_approval_records_become_hit_requirements(tmp_path, fake_mturk):
+    path = write_experiment(
+        tmp_path,
+        'name = "jt"\nreward = "0.05"\nassignments = 3\ncountries = ["JP", "TR"]\n'
+        "min_approval_rate = 95\nmin_approved_hits = 50",
+    )
+    status, out, err = await cli("hits", "publish", str(path), "--endpoint-url", fake_mturk.url)
+    assert status == 0, out + err
+    fake = fake_mturk.fake
+    (hit,) = fake.hits.values()
+    guard = {"ActionsGuarded": "Accept"}
+    assert hit.requirements == [
+        {
+            "QualificationTypeId": WORKER_LOCALE,
+            "Comparator": "In",
+            "LocaleValues": [{"Country": "JP"}, {"Country": "TR"}],
+            **guard,
+        },
+        {
+            "QualificationTypeId": PERCENT_APPROVED,
+            "Comparator": "GreaterThanOrEqualTo",
+            "IntegerValues": [95],
+            **guard,
+        },
+        {
+            "QualificationTypeId": HITS_APPROVED,
+            "Comparator": "GreaterThanOrEqualTo",
+            "IntegerValues": [50],
+            **guard,
+        },
+    ]
+    assert rows(tmp_path, "SELECT countries FROM batches") == [("JP TR",)]
+    # MTurk (the fake) lets in a worker of either country, with a good record only.
+    fake.accept(hit.hit_id, fake.worker("ATURKEY", "TR"))
+    fake.accept(hit.hit_id, fake.worker("AJAPAN", "JP"))
+    with pytest.raises(WorkerRefused) as refused:
+        fake.accept(hit.hit_id, fake.worker("AUSA", "US"))
+    assert refused.value.unmet == [f"{WORKER_LOCALE} (Worker_Locale) In"]
+    low = fake.worker("ALOWRATE", "JP")
+    low.approval_rate = 90
+    with pytest.raises(WorkerRefused) as refused:
+        fake.accept(hit.hit_id, low)
+    assert [u.split()[0] for u in refused.value.unmet] == [PERCENT_APPROVED]
 
 
 LARGE = 'name = "big"\nreward = "0.05"\nassignments = 20\ncountries = ["US"]'
@@ -469,6 +518,31 @@ async def test_review_status_and_expire(tmp_path, fake_mturk):
         tmp_path, "SELECT b.expired, h.expires FROM batches b JOIN hits h ON h.batch = b.name"
     )
     assert expired == expires == pytest.approx(fake.now())
+
+
+async def test_expire_names_the_batches_it_ends(tmp_path, fake_mturk):
+    path = write_experiment(
+        tmp_path,
+        'name = "us"\nreward = "0.05"\nassignments = 2\ncountries = ["US"]',
+        'name = "in"\nreward = "0.10"\nassignments = 2\ncountries = ["IN"]',
+    )
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "publish", str(path), *endpoint))[0] == 0
+    fake = fake_mturk.fake
+    hit_of = {h.annotation.split("/")[1]: h for h in fake.hits.values() if h.annotation}
+    status, out, _ = await cli("hits", "expire", str(path), "us", *endpoint)
+    assert status == 0 and out.splitlines() == ["Expired 1 HITs of batch us."]
+    assert fake.counts(hit_of["us"])["NumberOfAssignmentsAvailable"] == 0
+    # The batch not named runs on.
+    assert fake.counts(hit_of["in"])["NumberOfAssignmentsAvailable"] == 2
+    assert hit_of["in"].expiration > fake.now()
+    assert rows(tmp_path, "SELECT name, expired IS NOT NULL FROM batches ORDER BY name") == [
+        ("in", 0),
+        ("us", 1),
+    ]
+    fake.accept(hit_of["in"].hit_id, fake.worker("AINDIA", "IN"))
+    status, _, err = await cli("hits", "expire", str(path), "nosuch", *endpoint)
+    assert status == 1 and "no batch named 'nosuch'" in err
 
 
 async def test_review_records_what_mturk_refused(tmp_path, fake_mturk):
