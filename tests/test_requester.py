@@ -324,8 +324,8 @@ async def test_split_flag_in_the_sandbox(tmp_path, fake_mturk):
     assert sorted(h.max_assignments for h in fake_mturk.fake.hits.values()) == [6, 7, 7]
 
 
-async def test_progress_shows_on_a_terminal(tmp_path, fake_mturk):
-    path = write_experiment(tmp_path)
+async def on_a_terminal(*argv: str) -> bytes:
+    """Run ``probe-server ARGV`` with stderr on a pseudo-terminal; what it drew there."""
     main_fd, terminal = os.openpty()
     # A terminal of 24 x 80: tqdm draws nothing on one of no size.
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
@@ -334,11 +334,7 @@ async def test_progress_shows_on_a_terminal(tmp_path, fake_mturk):
             sys.executable,
             "-m",
             "probe_server",
-            "hits",
-            "publish",
-            str(path),
-            "--endpoint-url",
-            fake_mturk.url,
+            *argv,
             stdout=asyncio.subprocess.PIPE,
             stderr=terminal,
         )
@@ -356,7 +352,19 @@ async def test_progress_shows_on_a_terminal(tmp_path, fake_mturk):
             break
         shown += chunk
     os.close(main_fd)
+    return shown
+
+
+async def test_progress_shows_on_a_terminal(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path)
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    shown = await on_a_terminal("hits", "publish", str(path), *endpoint)
     assert b"publishing" in shown and b"HIT" in shown
+    shown = await on_a_terminal("hits", "sync", str(path), *endpoint)
+    assert b"syncing" in shown and b"HIT" in shown
+    # Without a terminal: the same run, no bar.
+    status, _, err = await cli("hits", "sync", str(path), *endpoint)
+    assert status == 0 and "syncing" not in err
 
 
 # -- credentials ---------------------------------------------------------------------
