@@ -452,6 +452,41 @@ async def test_sync_reads_more_than_one_page(tmp_path, fake_mturk):
     assert fake.calls.count("AssociateQualificationWithWorker") == 120
 
 
+async def test_sync_stores_accept_submit_and_review_times(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path, 'name = "b1"\nreward = "0.05"\nassignments = 2')
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "publish", str(path), *endpoint))[0] == 0
+    fake = fake_mturk.fake
+    (hit_id,) = fake.hits
+    fake.advance(100)
+    assignment, _ = fake.accept(hit_id, fake.worker("ATIMED", "US"))
+    fake.advance(42.5)
+    fake.external_submit(
+        [("assignmentId", assignment.assignment_id), ("token", "tt"), ("red", "2")]
+    )
+    fake.advance(60)
+    assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
+    ((status, accepted, submitted, reviewed, answers),) = rows(
+        tmp_path, "SELECT status, accept_time, submit_time, review_time, answers FROM assignments"
+    )
+    assert status == "Submitted" and reviewed is None
+    assert accepted == pytest.approx(assignment.accept_time, abs=1e-3)
+    assert submitted == pytest.approx(assignment.accept_time + 42.5, abs=1e-3)
+    assert json.loads(answers) == {"token": "tt", "red": "2"}
+    # Approved on MTurk (by hand, say): the next sync brings status and time.
+    fake.advance(10)
+    await mturk_approve(fake_mturk.url, assignment.assignment_id)
+    assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
+    ((status, reviewed),) = rows(tmp_path, "SELECT status, review_time FROM assignments")
+    assert status == "Approved"
+    assert reviewed == pytest.approx(fake.assignments[assignment.assignment_id].approval_time)
+
+
+async def mturk_approve(url: str, assignment_id: str) -> None:
+    async with mturk_client(Target(endpoint_url=url), attempts=1) as client:
+        await client.approve_assignment(AssignmentId=assignment_id)
+
+
 async def test_small_pages_through_the_api(tmp_path, fake_mturk):
     experiment = load_experiment(write_experiment(tmp_path))
     async with open_requester(
