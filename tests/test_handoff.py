@@ -179,6 +179,14 @@ async def test_pages_may_be_framed_by_mturk_only(server, http):
     async with http.get(f"{server.base_urls['ipv4']}/?hitId=<x>") as response:
         assert response.status == 400
         headers.append(response.headers)
+    for kind in ("speedtest", "tool"):  # the other experiments' pages, and a preview
+        for query in (
+            ACCEPTED + "https://www.mturk.com",
+            "?assignmentId=ASSIGNMENT_ID_NOT_AVAILABLE",
+        ):
+            async with http.get(f"{server.base_urls['ipv4']}/{query}&survey={kind}") as response:
+                assert response.status == 200
+                headers.append(response.headers)
     for h in headers:
         # X-Frame-Options would give workers a blank HIT.
         assert "X-Frame-Options" not in h
