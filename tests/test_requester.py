@@ -541,6 +541,9 @@ async def test_review_status_and_expire(tmp_path, fake_mturk):
     statuses = {a.assignment_id: a.status for a in fake.assignments.values()}
     assert statuses[right] == statuses[no_token] == "Approved"
     assert statuses[wrong] == "Rejected" and statuses[unknown] == "Submitted"
+    status, out, _ = await cli("hits", "status", str(path), *endpoint)
+    assert status == 0
+    assert out.splitlines()[-1].split() == ["b1", "1", "1", "1", "1", "2", "1"]
     assert "The number of red balls on the page was 3 and your answer said 2" in (
         fake.assignments[wrong].feedback or ""
     )
