@@ -179,6 +179,14 @@ async def test_pages_may_be_framed_by_mturk_only(server, http):
     async with http.get(f"{server.base_urls['ipv4']}/?hitId=<x>") as response:
         assert response.status == 400
         headers.append(response.headers)
+    for kind in ("speedtest", "tool"):  # the other experiments' pages, and a preview
+        for query in (
+            ACCEPTED + "https://www.mturk.com",
+            "?assignmentId=ASSIGNMENT_ID_NOT_AVAILABLE",
+        ):
+            async with http.get(f"{server.base_urls['ipv4']}/{query}&survey={kind}") as response:
+                assert response.status == 200
+                headers.append(response.headers)
     for h in headers:
         # X-Frame-Options would give workers a blank HIT.
         assert "X-Frame-Options" not in h
@@ -317,3 +325,18 @@ async def test_no_script_injection_through_the_answer_form(server, http, name, k
         assert handoff_of(text)[0] == "https://www.mturk.com/mturk/externalSubmit"
     else:
         assert response.status == 400
+
+
+async def test_a_valid_share_link_carrying_markup_is_handed_on_escaped(server, http, db):
+    """A share link is free text after its host: valid, stored, and shown escaped."""
+    page = await load_survey(http, server, f"{ACCEPTED}https://www.mturk.com&survey=speedtest")
+    link = f"https://www.speedtest.net/result/1?x={PAYLOAD}"
+    form = {"token": page.token, **VALID_FORMS["speedtest"], "share-ookla": link}
+    async with http.post(f"{server.base_urls['ipv4']}/submit", data=form) as response:
+        text = await response.text()
+        assert response.status == 200, text
+    assert "<script>alert" not in text and PAYLOAD not in text
+    action, fields = handoff_of(text)
+    assert action == "https://www.mturk.com/mturk/externalSubmit"
+    assert fields["share-ookla"] == link  # MTurk gets the link as the worker wrote it
+    assert db("SELECT share_url FROM speedtest_reports WHERE test = 'ookla'")[0][0] == link

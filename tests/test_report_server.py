@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 
 from probe_server.cli import main
+from probe_server.server import ProbeServer
 from probe_server.testing import write_config
 
 from .helpers import (
@@ -121,3 +122,28 @@ async def test_report_without_geoip_says_how_to_get_geolite2(server, http, tmp_p
     report = json.loads(captured.out)
     assert report["countries"] == [{"country": "unknown", "ipv4_addresses": 1, "share": 1.0}]
     assert Path(db).exists()
+
+
+async def test_a_session_without_a_hit_takes_the_configured_batch_label(
+    make_config, tmp_path, capsys
+):
+    """Before the MTurk side records batches, [survey] batch labels the sessions."""
+    server = ProbeServer(make_config(survey={"batch": "pilot-2"}))
+    await server.start()
+    try:
+        await visit(server, "127.0.0.9", "", blue=False, answer=0)
+        await visit(server, "127.0.0.10", "", blue=False, answer=1)
+        await visit(server, "127.0.0.11", "?batch=other", blue=False, answer=0)
+    finally:
+        await server.stop()
+    db = tmp_path / "probe.db"
+    with sqlite3.connect(db) as conn:
+        labels = conn.execute("SELECT ipv4, batch FROM sessions ORDER BY ipv4").fetchall()
+    conn.close()
+    assert labels == [("127.0.0.10", "pilot-2"), ("127.0.0.11", "other"), ("127.0.0.9", "pilot-2")]
+    assert main(["report", "--db", str(db), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["batches"] == [
+        {"batch": "other", "reward": None, "country": "unknown", "completed": 1, "correct": 1},
+        {"batch": "pilot-2", "reward": None, "country": "unknown", "completed": 2, "correct": 1},
+    ]

@@ -23,7 +23,11 @@ from botocore.exceptions import BotoCoreError
 from probe_server.cli import main
 from probe_server.i18n import read_catalogue
 from probe_server.mturk.experiment import load_experiment
+from probe_server.mturk.fake import WorkerRefused
 from probe_server.mturk.requester import (
+    HITS_APPROVED,
+    PERCENT_APPROVED,
+    WORKER_LOCALE,
     SessionFacts,
     Target,
     account_balance,
@@ -198,6 +202,51 @@ async def test_changed_batch_or_other_site_is_refused(tmp_path, fake_mturk):
 # -- live: cost and confirmation ------------------------------------------------------------
 
 
+async def test_several_countries_and_approval_records_become_hit_requirements(tmp_path, fake_mturk):
+    path = write_experiment(
+        tmp_path,
+        'name = "jt"\nreward = "0.05"\nassignments = 3\ncountries = ["JP", "TR"]\n'
+        "min_approval_rate = 95\nmin_approved_hits = 50",
+    )
+    status, out, err = await cli("hits", "publish", str(path), "--endpoint-url", fake_mturk.url)
+    assert status == 0, out + err
+    fake = fake_mturk.fake
+    (hit,) = fake.hits.values()
+    guard = {"ActionsGuarded": "Accept"}
+    assert hit.requirements == [
+        {
+            "QualificationTypeId": WORKER_LOCALE,
+            "Comparator": "In",
+            "LocaleValues": [{"Country": "JP"}, {"Country": "TR"}],
+            **guard,
+        },
+        {
+            "QualificationTypeId": PERCENT_APPROVED,
+            "Comparator": "GreaterThanOrEqualTo",
+            "IntegerValues": [95],
+            **guard,
+        },
+        {
+            "QualificationTypeId": HITS_APPROVED,
+            "Comparator": "GreaterThanOrEqualTo",
+            "IntegerValues": [50],
+            **guard,
+        },
+    ]
+    assert rows(tmp_path, "SELECT countries FROM batches") == [("JP TR",)]
+    # MTurk (the fake) lets in a worker of either country, with a good record only.
+    fake.accept(hit.hit_id, fake.worker("ATURKEY", "TR"))
+    fake.accept(hit.hit_id, fake.worker("AJAPAN", "JP"))
+    with pytest.raises(WorkerRefused) as refused:
+        fake.accept(hit.hit_id, fake.worker("AUSA", "US"))
+    assert refused.value.unmet == [f"{WORKER_LOCALE} (Worker_Locale) In"]
+    low = fake.worker("ALOWRATE", "JP")
+    low.approval_rate = 90
+    with pytest.raises(WorkerRefused) as refused:
+        fake.accept(hit.hit_id, low)
+    assert [u.split()[0] for u in refused.value.unmet] == [PERCENT_APPROVED]
+
+
 LARGE = 'name = "big"\nreward = "0.05"\nassignments = 20\ncountries = ["US"]'
 
 
@@ -275,8 +324,8 @@ async def test_split_flag_in_the_sandbox(tmp_path, fake_mturk):
     assert sorted(h.max_assignments for h in fake_mturk.fake.hits.values()) == [6, 7, 7]
 
 
-async def test_progress_shows_on_a_terminal(tmp_path, fake_mturk):
-    path = write_experiment(tmp_path)
+async def on_a_terminal(*argv: str) -> bytes:
+    """Run ``probe-server ARGV`` with stderr on a pseudo-terminal; what it drew there."""
     main_fd, terminal = os.openpty()
     # A terminal of 24 x 80: tqdm draws nothing on one of no size.
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
@@ -285,11 +334,7 @@ async def test_progress_shows_on_a_terminal(tmp_path, fake_mturk):
             sys.executable,
             "-m",
             "probe_server",
-            "hits",
-            "publish",
-            str(path),
-            "--endpoint-url",
-            fake_mturk.url,
+            *argv,
             stdout=asyncio.subprocess.PIPE,
             stderr=terminal,
         )
@@ -307,7 +352,19 @@ async def test_progress_shows_on_a_terminal(tmp_path, fake_mturk):
             break
         shown += chunk
     os.close(main_fd)
+    return shown
+
+
+async def test_progress_shows_on_a_terminal(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path)
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    shown = await on_a_terminal("hits", "publish", str(path), *endpoint)
     assert b"publishing" in shown and b"HIT" in shown
+    shown = await on_a_terminal("hits", "sync", str(path), *endpoint)
+    assert b"syncing" in shown and b"HIT" in shown
+    # Without a terminal: the same run, no bar.
+    status, _, err = await cli("hits", "sync", str(path), *endpoint)
+    assert status == 0 and "syncing" not in err
 
 
 # -- credentials ---------------------------------------------------------------------
@@ -395,6 +452,41 @@ async def test_sync_reads_more_than_one_page(tmp_path, fake_mturk):
     assert fake.calls.count("AssociateQualificationWithWorker") == 120
 
 
+async def test_sync_stores_accept_submit_and_review_times(tmp_path, fake_mturk):
+    path = write_experiment(tmp_path, 'name = "b1"\nreward = "0.05"\nassignments = 2')
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "publish", str(path), *endpoint))[0] == 0
+    fake = fake_mturk.fake
+    (hit_id,) = fake.hits
+    fake.advance(100)
+    assignment, _ = fake.accept(hit_id, fake.worker("ATIMED", "US"))
+    fake.advance(42.5)
+    fake.external_submit(
+        [("assignmentId", assignment.assignment_id), ("token", "tt"), ("red", "2")]
+    )
+    fake.advance(60)
+    assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
+    ((status, accepted, submitted, reviewed, answers),) = rows(
+        tmp_path, "SELECT status, accept_time, submit_time, review_time, answers FROM assignments"
+    )
+    assert status == "Submitted" and reviewed is None
+    assert accepted == pytest.approx(assignment.accept_time, abs=1e-3)
+    assert submitted == pytest.approx(assignment.accept_time + 42.5, abs=1e-3)
+    assert json.loads(answers) == {"token": "tt", "red": "2"}
+    # Approved on MTurk (by hand, say): the next sync brings status and time.
+    fake.advance(10)
+    await mturk_approve(fake_mturk.url, assignment.assignment_id)
+    assert (await cli("hits", "sync", str(path), *endpoint))[0] == 0
+    ((status, reviewed),) = rows(tmp_path, "SELECT status, review_time FROM assignments")
+    assert status == "Approved"
+    assert reviewed == pytest.approx(fake.assignments[assignment.assignment_id].approval_time)
+
+
+async def mturk_approve(url: str, assignment_id: str) -> None:
+    async with mturk_client(Target(endpoint_url=url), attempts=1) as client:
+        await client.approve_assignment(AssignmentId=assignment_id)
+
+
 async def test_small_pages_through_the_api(tmp_path, fake_mturk):
     experiment = load_experiment(write_experiment(tmp_path))
     async with open_requester(
@@ -449,6 +541,9 @@ async def test_review_status_and_expire(tmp_path, fake_mturk):
     statuses = {a.assignment_id: a.status for a in fake.assignments.values()}
     assert statuses[right] == statuses[no_token] == "Approved"
     assert statuses[wrong] == "Rejected" and statuses[unknown] == "Submitted"
+    status, out, _ = await cli("hits", "status", str(path), *endpoint)
+    assert status == 0
+    assert out.splitlines()[-1].split() == ["b1", "1", "1", "1", "1", "2", "1"]
     assert "The number of red balls on the page was 3 and your answer said 2" in (
         fake.assignments[wrong].feedback or ""
     )
@@ -469,6 +564,31 @@ async def test_review_status_and_expire(tmp_path, fake_mturk):
         tmp_path, "SELECT b.expired, h.expires FROM batches b JOIN hits h ON h.batch = b.name"
     )
     assert expired == expires == pytest.approx(fake.now())
+
+
+async def test_expire_names_the_batches_it_ends(tmp_path, fake_mturk):
+    path = write_experiment(
+        tmp_path,
+        'name = "us"\nreward = "0.05"\nassignments = 2\ncountries = ["US"]',
+        'name = "in"\nreward = "0.10"\nassignments = 2\ncountries = ["IN"]',
+    )
+    endpoint = ("--endpoint-url", fake_mturk.url)
+    assert (await cli("hits", "publish", str(path), *endpoint))[0] == 0
+    fake = fake_mturk.fake
+    hit_of = {h.annotation.split("/")[1]: h for h in fake.hits.values() if h.annotation}
+    status, out, _ = await cli("hits", "expire", str(path), "us", *endpoint)
+    assert status == 0 and out.splitlines() == ["Expired 1 HITs of batch us."]
+    assert fake.counts(hit_of["us"])["NumberOfAssignmentsAvailable"] == 0
+    # The batch not named runs on.
+    assert fake.counts(hit_of["in"])["NumberOfAssignmentsAvailable"] == 2
+    assert hit_of["in"].expiration > fake.now()
+    assert rows(tmp_path, "SELECT name, expired IS NOT NULL FROM batches ORDER BY name") == [
+        ("in", 0),
+        ("us", 1),
+    ]
+    fake.accept(hit_of["in"].hit_id, fake.worker("AINDIA", "IN"))
+    status, _, err = await cli("hits", "expire", str(path), "nosuch", *endpoint)
+    assert status == 1 and "no batch named 'nosuch'" in err
 
 
 async def test_review_records_what_mturk_refused(tmp_path, fake_mturk):
