@@ -162,12 +162,25 @@ async def test_health_follows_the_database_writer(admin_server, http):
     async with http.get(admin_url(admin_server, "/healthz")) as response:
         assert response.status == 503
         assert "commits are failing" in await response.text()
+    # The metrics say so too: failed commits counted, the page's rows held
+    # in the queue, its request answered 503.
+    failing = await scrape(http, admin_server)
+    assert failing[("probe_server_db_healthy", ())] == 0
+    assert failing[("probe_server_db_commit_errors_total", ())] >= 1
+    assert failing[("probe_server_db_queue_rows", ())] >= 1
+    survey = (("code", "503"), ("kind", "survey"), ("site", "ipv4"))
+    assert failing[("probe_server_http_requests_total", survey)] == 1
     await writer._conn.execute("PRAGMA query_only = 0")
     while not writer.healthy:  # the writer retries with back-off; the held rows go in
         with contextlib.suppress(NotStored):
             await writer.write([])
     async with http.get(admin_url(admin_server, "/healthz")) as response:
         assert response.status == 200
+    recovered = await scrape(http, admin_server)
+    assert recovered[("probe_server_db_healthy", ())] == 1
+    assert recovered[("probe_server_db_queue_rows", ())] == 0
+    errors = recovered[("probe_server_db_commit_errors_total", ())]
+    assert errors >= failing[("probe_server_db_commit_errors_total", ())]
 
 
 @pytest.mark.parametrize("path", ADMIN_PATHS)

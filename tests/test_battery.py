@@ -523,6 +523,38 @@ async def test_the_papers_page_is_one_setting(server, http, db):
     assert not db("SELECT 1 FROM battery_outcomes")
 
 
+# The outcomes each probe alone decides; ipv4_only and ipv6_capable need none.
+DECIDED_BY = {
+    "ds": {"ipv6_preferred", "broken_dual_stack"},
+    "literal": {"ipv6_without_aaaa"},
+    "mtu": {"mtu_trouble"},
+    "v6ns": {"resolver_ipv6"},
+}
+
+
+@pytest.mark.parametrize("probe", ALL_PROBES)
+async def test_each_probe_is_switched_on_alone(make_config, db, probe):
+    """One probe on: only its image on the page, only its outcomes measured."""
+    urls = {key: value for key, value in BATTERY.items() if key == f"{probe}_url"}
+    server = ProbeServer(make_config(battery={"probes": [probe], **urls}))
+    await server.start()
+    try:
+        page = await Client().visit(server)
+        # No beacon configured: no script on the page.
+        assert "<script" not in page.text
+    finally:
+        await server.stop()
+    assert set(page.probes) == {probe}
+    (stored,) = db("SELECT probes FROM battery_pages WHERE session_token = ?", page.token)
+    assert json.loads(stored["probes"]) == ["ipv4", "ipv6", probe]
+    rows = db("SELECT probe, result FROM battery_probes WHERE session_token = ?", page.token)
+    assert {r["probe"]: r["result"] for r in rows} == dict.fromkeys(["ipv4", "ipv6", probe], "ok")
+    measured = {
+        key for key, value in outcomes(outcome(db, page.token)).items() if value is not None
+    }
+    assert measured == {"ipv4_only", "ipv6_capable", *DECIDED_BY[probe]}
+
+
 @pytest.mark.parametrize(
     ("battery_config", "error"),
     [
@@ -647,6 +679,14 @@ async def test_report_has_the_battery_beside_the_papers_tables(battery_server, t
     assert by_country["US"]["ipv4_only"]["yes"] == 1 and by_country["IN"]["ipv4_only"]["yes"] == 0
     assert by_country["IN"]["broken_dual_stack"]["yes"] == 1
     assert by_country["IN"]["mtu_trouble"]["yes"] == 1
+    # Each country's rates carry their own Wilson interval.
+    for country in by_country.values():
+        for counted in country.values():
+            low, high = wilson(counted["yes"], counted["ipv4_addresses"])
+            assert (counted["ci95_low"], counted["ci95_high"]) == (
+                pytest.approx(low),
+                pytest.approx(high),
+            )
     # ::1 is loopback: no tunnel hint, but measured.
     assert section["outcomes"]["hint_teredo"]["yes"] == 0
     assert section["probes"]["mtu"] == {

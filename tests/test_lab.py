@@ -561,14 +561,24 @@ def test_report_matches_the_lab_population(run: LabRun) -> None:
     ]
 
 
+def host_links() -> set[str]:
+    """The network interfaces of the machine's own namespace."""
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True)
+    return {line.split(":")[1].strip() for line in links.stdout.splitlines()}
+
+
 def test_lab_is_torn_down_after_a_failure_and_after_a_dead_run() -> None:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
     hosts = [netlab.Host("server", f"{netlab.SERVER_V4}/24", (f"{netlab.SERVER_V6}/64",))]
     built = netlab.Lab(hosts, tag=f"{os.getpid()}x")
+    before = host_links()
     with pytest.raises(RuntimeError), built:
         assert any(n.startswith(built.ns("")) for n in netlab._live_namespaces())
+        # No end of the lab's links is in the machine's own namespace: no
+        # packet can leave the lab.
+        assert host_links() == before
         raise RuntimeError("a test failed inside the lab")
     assert not any(n.startswith(built.ns("")) for n in netlab._live_namespaces())
     # A lab whose process was killed leaves namespaces behind; the next lab
