@@ -391,11 +391,12 @@ class Responder:
         """An error reply (FORMERR, SERVFAIL, NOTIMP, REFUSED, BADVERS).
 
         ID, opcode and RD are copied; the question is echoed when it could be
-        read; an OPT record is added when the query had a readable one.
+        read; an OPT record is added when the query had a readable one, with
+        the query's DO bit copied (RFC 3225 §3), as in every other reply.
         """
         opt = b""
         if edns:
-            opt = opt_record(self.udp_size, extended_rcode=rcode >> 4)
+            opt = opt_record(self.udp_size, do=edns == 2, extended_rcode=rcode >> 4)
         flags = _QR | (data[2] & 0x79)
         head = bytes((flags, (rcode & 0x0F) | (data[3] & _CD)))
         counts = struct.pack("!HHHH", 1 if question else 0, 0, 0, 1 if opt else 0)

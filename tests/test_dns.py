@@ -243,6 +243,28 @@ async def test_unknown_edns_version_is_badvers(dns_server, transport, family):
     assert reply.answer == []
 
 
+@pytest.mark.parametrize(("transport", "family"), SOCKETS)
+@pytest.mark.parametrize(
+    ("qname", "qtype", "edns", "rdclass", "rcode"),
+    [
+        ("survey.example.org", "A", 1, "IN", dns.rcode.BADVERS),
+        ("version.bind", "TXT", 0, "CH", dns.rcode.REFUSED),
+        ("example.org", "AXFR", 0, "IN", dns.rcode.REFUSED),
+        ("example.com", "A", 0, "IN", dns.rcode.REFUSED),
+    ],
+)
+async def test_error_replies_copy_the_do_bit(
+    dns_server, transport, family, qname, qtype, edns, rdclass, rcode
+):
+    """RFC 3225 §3: DO is copied into the response, error replies included."""
+    ask = dict(transport=transport, family=family, use_edns=edns, rdclass=rdclass)
+    for want in (True, False):
+        reply = await query(dns_server, qname, qtype, want_dnssec=want, **ask)
+        assert reply.rcode() == rcode
+        assert reply.edns == 0
+        assert bool(reply.ednsflags & dns.flags.DO) is want
+
+
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 async def test_large_answer_truncated_keeping_question_and_opt(dns_server, family):
     # No EDNS: 512 bytes at most; the answer doesn't fit.
