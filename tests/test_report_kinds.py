@@ -162,3 +162,25 @@ def test_json_and_csv_outputs(database, tmp_path, capsys):
     with (out / "tool_reports.csv").open(newline="") as f:
         assert [r["report"] for r in csv.DictReader(f)] == ["123"]
     capsys.readouterr()
+
+
+def test_a_report_id_cannot_break_the_markdown_table(tmp_path):
+    """A loose report pattern lets a worker's text reach the table: it stays one cell."""
+    path = tmp_path / "probe.db"
+    conn = open_sync(path)
+    hostile = "a|b\n| x | y |<img src=x onerror=alert(1)>\\"
+    with conn:
+        conn.execute("BEGIN")
+        session(conn, "t1", "203.0.113.11", "W|3", survey="tool")
+        conn.execute(INSERT_TOOL_REPORT, ("t1", T0, "203.0.113.11", "Spoofer", hostile))
+    conn.close()
+    text = render_markdown(build_report(path))
+    section = text.split("## Tool reports (§3.2)", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    header, _, row = rows[:3]
+    # The row has as many cells as the header: no pipe ended a cell early.
+    cells = lambda line: len(line.replace("\\|", "").split("|"))  # noqa: E731
+    assert cells(row) == cells(header)
+    assert "<img" not in text
+    assert "a\\|b \\| x \\| y \\|&lt;img src=x onerror=alert(1)>\\\\" in row
+    assert "W\\|3" in row

@@ -758,11 +758,19 @@ def _percent(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value * 100:.{digits}f}%"
 
 
+def _cell(value: Any) -> str:
+    """One table cell: what came from outside (a worker's report id, a GeoIP
+    organisation, a batch name) can neither end the cell or the row nor add
+    markup."""
+    text = " ".join(str(value).split())
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+
+
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str) -> list[str]:
     """A Markdown table; ``align`` has one letter per column, l or r."""
     lines = ["| " + " | ".join(header) + " |"]
     lines.append("|" + "|".join(" ---: " if a == "r" else " --- " for a in align) + "|")
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(cell) for cell in row) + " |" for row in rows]
     return lines
 
 
