@@ -33,6 +33,11 @@ from .survey import canonical_address
 log = logging.getLogger(__name__)
 
 UDP, TCP = "udp", "tcp"
+# Datagrams read and answered per readiness callback before the loop gets
+# its turn back (other sockets, the writer's commits, timers).
+UDP_BATCH = 64
+# Larger than any datagram: a longer one would be cut to this and fail to parse.
+RECV_SIZE = 65535
 PASS, DROP, SLIP = "pass", "drop", "slip"
 
 INSERT_DNS_QUERY = (
@@ -56,6 +61,8 @@ class DnsStats:
     tcp_evicted: int = 0
     tcp_timeouts: int = 0
     log_dropped: int = 0
+    # UDP replies the kernel would not take at once (a full send buffer).
+    send_dropped: int = 0
     # Responses sent, by RCODE text ("NOERROR", "NXDOMAIN", ...).
     rcodes: dict[str, int] = field(default_factory=dict)
 
@@ -139,7 +146,7 @@ class DnsServer:
         self._rows: list[Row] = []
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._udp: list[asyncio.DatagramTransport] = []
+        self._udp: list[_UdpReader] = []
         self._tcp_servers: list[asyncio.Server] = []
         self._connections: set[_TcpProtocol] = set()
         # Limits on TCP connections, both families together: at the limit,
@@ -157,10 +164,7 @@ class DnsServer:
         try:
             for name, sock in self.sockets.items():
                 if sock.type == socket.SOCK_DGRAM:
-                    transport, _ = await loop.create_datagram_endpoint(
-                        lambda: _UdpProtocol(self), sock=sock
-                    )
-                    self._udp.append(transport)
+                    self._udp.append(_UdpReader(self, sock, loop))
                 else:
                     server = await loop.create_server(lambda: _TcpProtocol(self), sock=sock)
                     self._tcp_servers.append(server)
@@ -178,15 +182,16 @@ class DnsServer:
         for server in self._tcp_servers:
             await server.wait_closed()
         self._tcp_servers.clear()
-        for transport in self._udp:
-            transport.close()
+        for reader in self._udp:
+            reader.close()
         self._udp.clear()
         self._flush()
         if self._writer is not None:
             stats = self.stats
             log.info(
                 "event=dns_stopped queries=%d rate_limited=%d slipped=%d errors=%d"
-                " tcp_refused=%d tcp_evicted=%d tcp_timeouts=%d log_dropped=%d",
+                " tcp_refused=%d tcp_evicted=%d tcp_timeouts=%d log_dropped=%d"
+                " send_dropped=%d",
                 stats.queries,
                 stats.rate_limited,
                 stats.slipped,
@@ -195,6 +200,7 @@ class DnsServer:
                 stats.tcp_evicted,
                 stats.tcp_timeouts,
                 stats.log_dropped,
+                stats.send_dropped,
             )
             self._writer = None
 
@@ -297,32 +303,47 @@ class DnsServer:
             self.stats.log_dropped += len(rows)
 
 
-class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, server: DnsServer) -> None:
+class _UdpReader:
+    """One UDP socket, read straight from the event loop's readiness callback.
+
+    Each time the socket is readable, up to :data:`UDP_BATCH` datagrams are
+    read and answered in a row with the socket's own ``recvfrom`` and
+    ``sendto``: no transport, no protocol callback per datagram. A reply the
+    kernel cannot take at once (its send buffer full) is dropped, never
+    queued, as a DNS server under load should.
+    """
+
+    def __init__(self, server: DnsServer, sock: socket.socket, loop: asyncio.AbstractEventLoop):
+        sock.setblocking(False)
         self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
-        self.family = socket.AF_INET
-        self.paused = False
+        self.sock = sock
+        self.family = sock.family
+        self.loop = loop
+        self._fd = sock.fileno()
+        loop.add_reader(self._fd, self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports don't subclass asyncio's: no isinstance check.
-        self.transport = cast(asyncio.DatagramTransport, transport)
-        self.family = transport.get_extra_info("socket").family
+    def _readable(self) -> None:
+        recvfrom, sendto = self.sock.recvfrom, self.sock.sendto
+        handle, family, stats = self.server.handle, self.family, self.server.stats
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # an error queued for an earlier reply (ICMP): nothing to do
+            reply = handle(data, addr, family, UDP)
+            if reply is not None:
+                try:
+                    sendto(reply, addr)
+                except OSError:
+                    stats.send_dropped += 1  # full send buffer, or the peer is gone
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        reply = self.server.handle(data, addr, self.family, UDP)
-        if reply is not None and self.transport is not None and not self.paused:
-            self.transport.sendto(reply, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        pass  # ICMP errors for earlier replies: nothing to do
-
-    # The kernel's send buffer is full: drop replies rather than queue them.
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.loop.remove_reader(self._fd)
+            self._fd = -1
+            self.sock.close()
 
 
 class _TcpProtocol(asyncio.Protocol):
