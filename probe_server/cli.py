@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import shlex
+import sqlite3
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -84,7 +85,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     # Imported here: the server never needs geoip2 or matplotlib.
     from .analysis.geo import GEOLITE_HINT, enrich, open_geoip
     from .analysis.report import build_report, render_json, render_markdown, write_outputs
-    from .store import open_sync
+    from .store import SchemaError, open_sync
 
     config = load_config(args.config)
     db = Path(args.db) if args.db else config.resolve(config.database.path)
@@ -107,12 +108,17 @@ def cmd_report(args: argparse.Namespace) -> int:
                 )
                 return EXIT_USAGE
             print(f"probe-server: {GEOLITE_HINT}", file=sys.stderr)
-        conn = open_sync(db)
         try:
-            enrich(conn, geo, refresh=args.refresh_geoip, stream=sys.stderr)
-        finally:
-            conn.close()
-    report = build_report(db, top=args.top, min_sample=args.min_sample)
+            conn = open_sync(db)
+            try:
+                enrich(conn, geo, refresh=args.refresh_geoip, stream=sys.stderr)
+            finally:
+                conn.close()
+            report = build_report(db, top=args.top, min_sample=args.min_sample)
+        except (sqlite3.DatabaseError, SchemaError) as e:
+            # Not a database, a damaged one, or one of a newer probe-server.
+            print(f"probe-server: report: {db}: {e}", file=sys.stderr)
+            return EXIT_FAILURE
     if args.out is not None:
         for path in write_outputs(report, args.format, Path(args.out)):
             print(path)

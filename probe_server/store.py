@@ -65,14 +65,19 @@ def _pragmas(conn: sqlite3.Connection, synchronous: str) -> None:
     conn.execute("PRAGMA busy_timeout = 5000")
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring a database up to :data:`SCHEMA_VERSION`; returns the old version."""
-    current = conn.execute("PRAGMA user_version").fetchone()[0]
+def _check_version(conn: sqlite3.Connection) -> int:
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if current > SCHEMA_VERSION:
         raise SchemaError(
             f"database schema version {current} is newer than this probe-server "
             f"understands ({SCHEMA_VERSION}); upgrade probe-server"
         )
+    return current
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring a database up to :data:`SCHEMA_VERSION`; returns the old version."""
+    current = _check_version(conn)
     for version, name, script in migrations():
         if version <= current:
             continue
@@ -86,6 +91,9 @@ def open_sync(path: Path, synchronous: str = "full") -> sqlite3.Connection:
     """A plain sqlite3 connection with the schema in place (CLI and tools)."""
     conn = sqlite3.connect(path, isolation_level=None)
     try:
+        # Before anything is changed (WAL mode among them): a file that is
+        # not a database, or one of a newer probe-server, is left as it was.
+        _check_version(conn)
         _pragmas(conn, synchronous)
         migrate(conn)
     except BaseException:

@@ -501,3 +501,21 @@ def test_missing_database_is_not_created(tmp_path, capsys):
     assert main(["report", "--db", str(tmp_path / "nope.db")]) == 1
     assert "nope.db: no such database" in capsys.readouterr().err
     assert not (tmp_path / "nope.db").exists()
+
+
+def test_a_file_that_is_not_our_database_is_one_line(tmp_path, capsys):
+    """Not SQLite, or a database of a newer probe-server: a line naming it, exit 1, no change."""
+    junk = tmp_path / "notes.db"
+    junk.write_text("not a database, just text\n")
+    newer = tmp_path / "newer.db"
+    with contextlib.closing(sqlite3.connect(newer)) as conn:
+        conn.execute("PRAGMA user_version = 999")
+    newer_bytes = newer.read_bytes()
+    assert main(["report", "--db", str(junk)]) == 1
+    err = capsys.readouterr().err
+    assert "notes.db: file is not a database" in err and "Traceback" not in err
+    assert junk.read_text() == "not a database, just text\n"
+    assert main(["report", "--db", str(newer)]) == 1
+    err = capsys.readouterr().err
+    assert "newer.db: database schema version 999 is newer" in err and "Traceback" not in err
+    assert newer.read_bytes() == newer_bytes
