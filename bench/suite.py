@@ -494,7 +494,12 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: dict[str, 
                     / max(median([r["rate"] for r in by_name[peer].runs.get(c, [])]), 1)
                     for c in args.connections
                 ]
-                where = ", ".join(f"c={c}" for c in met)
+                if not missed:
+                    verdict_text = "met"
+                elif met:
+                    verdict_text = f"**met at {', '.join(f'c={c}' for c in met)} only**"
+                else:
+                    verdict_text = "**not met**"
                 summary.append(
                     (
                         f"HTTP ≥ {target}× {'Apache + PHP' if peer == 'apache' else peer}",
@@ -502,11 +507,7 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: dict[str, 
                             f"{r:.2f}× at c={c}"
                             for c, r in zip(args.connections, ratios, strict=True)
                         ),
-                        "met"
-                        if not missed
-                        else f"**met at {where} only**"
-                        if met
-                        else "**not met**",
+                        verdict_text,
                         "with synchronous = normal: "
                         + " / ".join(f"{r:.2f}×" for r in normal_ratios),
                     )

@@ -84,7 +84,7 @@ def migrate(conn: sqlite3.Connection) -> int:
         log.info("event=migrate version=%d script=%s", version, name)
         # executescript commits first; the script runs as one transaction.
         conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
-    return int(current)
+    return current
 
 
 def open_sync(path: Path, synchronous: str = "full") -> sqlite3.Connection:
